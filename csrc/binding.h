@@ -1,0 +1,86 @@
+// The binding layer shared by every backend: it checks the op's inputs, makes
+// the layouts the kernels walk, allocates outputs and fills a CEParams. Each
+// backend file (csrc/cpu, csrc/cuda) only supplies its kernels and, for CUDA,
+// the device guard.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+#include "params.h"
+
+namespace fsce {
+
+struct Kernels {
+  void (*forward)(const CEParams&, bool write_grad);
+  void (*backward)(const CEParams&);
+  void (*scale_rows)(const CEParams&);
+  // Bytes of scratch the forward needs (nullptr: none).
+  int64_t (*forward_workspace)(const CEParams&);
+  // Raises on an invalid class index where that costs no host sync (CPU);
+  // nullptr where it would (CUDA poisons the row's loss with nan instead).
+  void (*check_targets)(const CEParams&);
+};
+
+std::tuple<at::Tensor, at::Tensor> run_forward(const Kernels& k, const at::Tensor& logits,
+                                               const at::Tensor& target,
+                                               const std::optional<at::Tensor>& weight,
+                                               int64_t ignore_index, double label_smoothing);
+
+at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_loss, const at::Tensor& logits,
+                        const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                        const at::Tensor& lse, int64_t ignore_index, double label_smoothing);
+
+at::Tensor run_forward_inplace(const Kernels& k, const at::Tensor& logits,
+                               const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                               const at::Tensor& grad_scale, int64_t ignore_index,
+                               double label_smoothing);
+
+void run_scale_grad(const Kernels& k, const at::Tensor& grad, const at::Tensor& grad_output);
+
+// The op entry points of one backend: its kernels, and a guard constructed
+// from the logits' device around every call (CUDA's device guard, or nothing).
+template <const Kernels* K, typename Guard>
+struct BackendOps {
+  static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits,
+                                                    const at::Tensor& target,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    int64_t ignore_index, double label_smoothing) {
+    Guard guard(logits.device());
+    return run_forward(*K, logits, target, weight, ignore_index, label_smoothing);
+  }
+
+  static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                             const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                             const at::Tensor& lse, int64_t ignore_index,
+                             double label_smoothing) {
+    Guard guard(logits.device());
+    return run_backward(*K, grad_loss, logits, target, weight, lse, ignore_index,
+                        label_smoothing);
+  }
+
+  static at::Tensor forward_inplace(const at::Tensor& logits, const at::Tensor& target,
+                                    const std::optional<at::Tensor>& weight,
+                                    const at::Tensor& grad_scale, int64_t ignore_index,
+                                    double label_smoothing) {
+    Guard guard(logits.device());
+    return run_forward_inplace(*K, logits, target, weight, grad_scale, ignore_index,
+                               label_smoothing);
+  }
+
+  static void scale_grad(const at::Tensor& grad, const at::Tensor& grad_output) {
+    Guard guard(grad.device());
+    run_scale_grad(*K, grad, grad_output);
+  }
+};
+
+#define FSCE_REGISTER_BACKEND(m, Ops)                     \
+  do {                                                    \
+    (m).impl("ce_forward", &Ops::forward);                \
+    (m).impl("ce_backward", &Ops::backward);              \
+    (m).impl("ce_forward_inplace", &Ops::forward_inplace); \
+    (m).impl("scale_grad_", &Ops::scale_grad);            \
+  } while (0)
+
+}  // namespace fsce

@@ -1,0 +1,130 @@
+// Portable 16-lane float SIMD on GCC/Clang vector extensions. The same code is
+// compiled once per ISA through target_clones (see FSCE_CPU_CLONES), so the
+// package build never needs -march=native: the loader picks AVX-512, AVX2 or
+// the SSE2 baseline at run time.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#define FSCE_VINLINE __attribute__((always_inline)) inline
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FSCE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FSCE_CPU_CLONES
+#endif
+
+namespace fsce::cpu {
+
+constexpr int kLanes = 16;
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef uint16_t vbits16 __attribute__((vector_size(32)));
+
+FSCE_VINLINE vfloat splat(float v) { return vfloat{} + v; }
+
+FSCE_VINLINE vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+
+FSCE_VINLINE vfloat as_float(vuint u) {
+  vfloat f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+FSCE_VINLINE vuint as_uint(vfloat f) {
+  vuint u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// 2^x with a degree-7 Taylor polynomial on the reduced argument in
+// [-0.5, 0.5] (relative error below 1e-8 before rounding); exact 0 below -127.
+FSCE_VINLINE vfloat exp2v(vfloat x) {
+  x = x > 127.f ? splat(127.f) : x;
+  vint tiny = x < -127.f;
+  x = x < -127.f ? splat(-127.f) : x;
+  const float round_magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  vfloat r = (x + round_magic) - round_magic;
+  vfloat f = x - r;
+  vfloat poly = splat(1.5252733804059841e-05f);
+  poly = poly * f + 1.5403530393381606e-04f;
+  poly = poly * f + 1.3333558146428443e-03f;
+  poly = poly * f + 9.6181291076284772e-03f;
+  poly = poly * f + 5.5504108664821580e-02f;
+  poly = poly * f + 2.4022650695910071e-01f;
+  poly = poly * f + 6.9314718055994531e-01f;
+  poly = poly * f + 1.0f;
+  vint n = __builtin_convertvector(r, vint);
+  vfloat scale = as_float(vuint((n + 127) << 23));
+  vfloat out = poly * scale;
+  return tiny ? vfloat{} : out;
+}
+
+// Loads and stores of 16 elements, converting to and from float.
+FSCE_VINLINE vfloat load16(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+FSCE_VINLINE vfloat load16(const c10::BFloat16* p) {
+  vbits16 b;
+  std::memcpy(&b, p, sizeof b);
+  return as_float(__builtin_convertvector(b, vuint) << 16);
+}
+
+FSCE_VINLINE vfloat load16(const c10::Half* p) {
+  float tmp[kLanes];
+  for (int i = 0; i < kLanes; ++i) tmp[i] = static_cast<float>(p[i]);
+  return load16(tmp);
+}
+
+FSCE_VINLINE void store16(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+FSCE_VINLINE void store16(c10::BFloat16* p, vfloat v) {
+  // Round to nearest even, keeping nan a quiet nan.
+  vuint u = as_uint(v);
+  vuint rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  rounded = v != v ? vuint{} + 0x7fc0u : rounded;
+  vbits16 b = __builtin_convertvector(rounded, vbits16);
+  std::memcpy(p, &b, sizeof b);
+}
+
+FSCE_VINLINE void store16(c10::Half* p, vfloat v) {
+  for (int i = 0; i < kLanes; ++i) p[i] = c10::Half(v[i]);
+}
+
+// Partial chunks go through a padded buffer, so that the vector code never
+// reads or writes past the row.
+template <typename T>
+FSCE_VINLINE vfloat load_partial(const T* p, int count, float pad) {
+  T tmp[kLanes];
+  for (int i = 0; i < kLanes; ++i) tmp[i] = i < count ? p[i] : T(pad);
+  return load16(tmp);
+}
+
+template <typename T>
+FSCE_VINLINE void store_partial(T* p, vfloat v, int count) {
+  T tmp[kLanes];
+  store16(tmp, v);
+  for (int i = 0; i < count; ++i) p[i] = tmp[i];
+}
+
+FSCE_VINLINE float hmax(vfloat v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+FSCE_VINLINE float hsum(vfloat v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+}  // namespace fsce::cpu

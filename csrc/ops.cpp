@@ -1,0 +1,29 @@
+// Op schemas. Backends register kernels in csrc/cpu and csrc/cuda; fake
+// kernels and autograd are registered from Python (fused_softmax_ce/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing the compiled module from Python is what loads these
+// registrations; it has no Python-level functions of its own.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(fused_softmax_ce, m) {
+  // logits (N, C) or (N, C, S); target int64 (N*S,) or probabilities shaped
+  // like logits. Returns the per-row loss and log-sum-exp (fp32, or fp64 for
+  // float64 logits).
+  m.def(
+      "ce_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing) -> (Tensor, Tensor)");
+  m.def(
+      "ce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "int ignore_index, float label_smoothing) -> Tensor");
+  // Writes grad_scale * dloss/dlogits into logits and returns the per-row loss.
+  m.def(
+      "ce_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor grad_scale, "
+      "int ignore_index, float label_smoothing) -> Tensor");
+  // grad *= grad_output, per row; free when grad_output is the scalar 1.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+}

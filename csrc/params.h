@@ -1,0 +1,57 @@
+// The plain description of one cross-entropy launch. Kernels (CPU and CUDA)
+// see only this struct and raw pointers, never ATen, so kernel files stay
+// light to compile and the binding layer owns every check.
+#pragma once
+#include <cstdint>
+
+namespace fsce {
+
+enum class DType : int { Float32, Float64, Float16, BFloat16 };
+
+// Logits are viewed as [outer, C, inner]; a "row" is one (n, s) pair, ordered
+// r = n * inner + s, which is also the order of index targets and per-row
+// outputs. Inside one n the [C, inner] block is contiguous; n has its own
+// stride so that row-padded 2-D logits need no copy.
+struct CEParams {
+  DType dtype;
+  int64_t outer, classes, inner;
+  int64_t rows;  // outer * inner
+
+  const void* logits;
+  int64_t logits_outer_stride;
+
+  // Exactly one target kind is set: class indices (one per row) or class
+  // probabilities laid out like the logits (same dtype).
+  const int64_t* target_index;
+  const void* target_prob;
+  int64_t target_outer_stride;
+
+  const void* weight;      // [C] of dtype, or nullptr
+  const void* weight_sum;  // device scalar (acc type): sum of weight; nullptr means C
+  int64_t ignore_index;
+  double label_smoothing;
+
+  // Forward outputs, per row, in the accumulation type (float, or double for
+  // float64 logits).
+  void* loss;
+  void* lse;
+
+  // Gradient destination (a fresh tensor, or the logits in in-place mode).
+  void* grad;
+  int64_t grad_outer_stride;
+
+  // Backward: per-row upstream gradient in the accumulation type, with a
+  // stride (0 when one scalar is broadcast over all rows).
+  const void* grad_rows;
+  int64_t grad_rows_stride;
+
+  // In-place forward: one device scalar that multiplies the gradient (1/the
+  // mean's denominator, or 1), in the accumulation type.
+  const void* grad_scale;
+
+  // Scratch memory for multi-kernel strategies (CUDA split rows), sized by
+  // the backend's workspace query; nullptr when none was asked for.
+  void* workspace;
+};
+
+}  // namespace fsce

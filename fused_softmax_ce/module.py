@@ -1,0 +1,52 @@
+"""`CrossEntropyLoss`: the drop-in for `torch.nn.CrossEntropyLoss`."""
+from torch import nn
+from torch.nn import _reduction as _Reduction
+
+from .functional import cross_entropy
+
+
+class CrossEntropyLoss(nn.Module):
+    """Same constructor and results as `torch.nn.CrossEntropyLoss`.
+
+    ``weight`` is a buffer, so ``.to()`` and ``state_dict`` carry it. The
+    keyword-only ``inplace_backward`` is passed to `cross_entropy`.
+    """
+
+    __constants__ = ["ignore_index", "reduction", "label_smoothing", "inplace_backward"]
+
+    def __init__(
+        self,
+        weight=None,
+        size_average=None,
+        ignore_index=-100,
+        reduce=None,
+        reduction="mean",
+        label_smoothing=0.0,
+        *,
+        inplace_backward=False,
+    ):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = _Reduction.legacy_get_string(size_average, reduce)
+        self.reduction = reduction
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input, target):
+        return cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self):
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, inplace_backward={self.inplace_backward}"
+        )
