@@ -104,10 +104,10 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
   return pr;
 }
 
-void check_rows_tensor(const at::Tensor& t, const at::Tensor& logits, int64_t rows,
-                       const char* name) {
-  TORCH_CHECK(t.scalar_type() == acc_type(logits), "fused_softmax_ce: ", name, " must be ",
-              acc_type(logits), ", got ", t.scalar_type());
+void check_rows_tensor(const at::Tensor& t, int64_t rows, at::ScalarType dtype,
+                       const at::Tensor& logits, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype, "fused_softmax_ce: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
   TORCH_CHECK(t.device() == logits.device(), "fused_softmax_ce: ", name, " is on ", t.device(),
               " but logits are on ", logits.device());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, "fused_softmax_ce: ", name,
@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Kernels& k, const at::Tenso
   if (k.check_targets && pr.p.target_index) k.check_targets(pr.p);
   const auto opts = logits.options().dtype(acc_type(logits));
   at::Tensor loss = at::empty({pr.p.rows}, opts);
-  at::Tensor lse = at::empty({pr.p.rows}, opts);
+  at::Tensor lse = at::empty({pr.p.rows}, opts.dtype(at::kDouble));
   pr.p.loss = loss.data_ptr();
   pr.p.lse = lse.data_ptr();
   at::Tensor workspace;
@@ -145,8 +145,8 @@ at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_loss, const at:
                         const at::Tensor& target, const std::optional<at::Tensor>& weight,
                         const at::Tensor& lse, int64_t ignore_index, double label_smoothing) {
   Prepared pr = prepare(logits, target, weight, ignore_index, label_smoothing);
-  check_rows_tensor(grad_loss, logits, pr.p.rows, "grad_loss");
-  check_rows_tensor(lse, logits, pr.p.rows, "lse");
+  check_rows_tensor(grad_loss, pr.p.rows, acc_type(logits), logits, "grad_loss");
+  check_rows_tensor(lse, pr.p.rows, at::kDouble, logits, "lse");
   if (k.check_targets && pr.p.target_index) k.check_targets(pr.p);
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor grad = at::empty(pr.logits.sizes(), pr.logits.options().memory_format(
@@ -177,7 +177,7 @@ at::Tensor run_forward_inplace(const Kernels& k, const at::Tensor& logits,
   if (k.check_targets && pr.p.target_index) k.check_targets(pr.p);
   const auto opts = logits.options().dtype(acc_type(logits));
   at::Tensor loss = at::empty({pr.p.rows}, opts);
-  at::Tensor lse = at::empty({pr.p.rows}, opts);
+  at::Tensor lse = at::empty({pr.p.rows}, opts.dtype(at::kDouble));
   const at::Tensor scale = grad_scale.contiguous();
   pr.p.loss = loss.data_ptr();
   pr.p.lse = lse.data_ptr();

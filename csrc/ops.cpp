@@ -12,8 +12,8 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fused_softmax_ce, m) {
   // logits (N, C) or (N, C, S); target int64 (N*S,) or probabilities shaped
-  // like logits. Returns the per-row loss and log-sum-exp (fp32, or fp64 for
-  // float64 logits).
+  // like logits. Returns the per-row loss (fp32, or fp64 for float64 logits)
+  // and the per-row log-sum-exp in fp64, all the backward keeps of the row.
   m.def(
       "ce_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing) -> (Tensor, Tensor)");

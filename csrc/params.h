@@ -31,8 +31,9 @@ struct CEParams {
   int64_t ignore_index;
   double label_smoothing;
 
-  // Forward outputs, per row, in the accumulation type (float, or double for
-  // float64 logits).
+  // Forward outputs, per row: the loss in the accumulation type (float, or
+  // double for float64 logits), and the log-sum-exp in double, so that the
+  // backward's z - lse stays exact when logits are large (about 1e4).
   void* loss;
   void* lse;
 

@@ -65,14 +65,16 @@ FSCE_HD acc_t prob_coef(acc_t t_j, acc_t w_j, acc_t eps, acc_t inv_classes) {
   return w_j * ((1 - eps) * t_j + eps * inv_classes);
 }
 
+// lse = m + log_s (m the row max). Differences are taken against m first, so
+// that a loss of a few units stays exact when the logits are around 1e4.
 template <typename acc_t>
-FSCE_HD acc_t row_loss(const RowTarget<acc_t>& t, acc_t lse, acc_t z_y, acc_t pivot,
+FSCE_HD acc_t row_loss(const RowTarget<acc_t>& t, acc_t m, acc_t log_s, acc_t z_y, acc_t pivot,
                        acc_t sum_a, acc_t sum_az) {
   acc_t loss = 0;
-  if (t.coef_y != 0 && t.y >= 0) loss = t.coef_y * (lse - z_y);
+  if (t.coef_y != 0 && t.y >= 0) loss = t.coef_y * ((m - z_y) + log_s);
   // The smoothing term is skipped at eps == 0, as PyTorch does, so that an
   // infinite logit elsewhere in the row cannot turn 0 * inf into nan.
-  if (t.k != 0) loss += t.k * (sum_a * (lse - pivot) - sum_az);
+  if (t.k != 0) loss += t.k * (sum_a * ((m - pivot) + log_s) - sum_az);
   return loss;
 }
 

@@ -17,9 +17,8 @@ def _rows(logits):
 
 @torch.library.register_fake("fused_softmax_ce::ce_forward")
 def _ce_forward_fake(logits, target, weight, ignore_index, label_smoothing):
-    acc = acc_dtype(logits.dtype)
     rows = _rows(logits)
-    return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
+    return logits.new_empty(rows, dtype=acc_dtype(logits.dtype)), logits.new_empty(rows, dtype=torch.float64)
 
 
 @torch.library.register_fake("fused_softmax_ce::ce_backward")
@@ -56,9 +55,9 @@ def _backward(ctx, grad_loss, _grad_lse):
     if ctx.needs_input_grad[1]:
         # Soft targets: dloss/dt_j = -(1 - eps) * w_j * log p_j. Rare, so plain torch ops.
         shape = (logits.shape[0], 1) + tuple(logits.shape[2:])
-        log_p = logits.to(lse.dtype) - lse.reshape(shape)
+        log_p = (logits.double() - lse.reshape(shape)).to(grad_loss.dtype)
         if weight is not None:
-            log_p = log_p * weight.to(lse.dtype).reshape((1, -1) + (1,) * (logits.dim() - 2))
+            log_p = log_p * weight.to(grad_loss.dtype).reshape((1, -1) + (1,) * (logits.dim() - 2))
         grad_target = (-(1.0 - ctx.label_smoothing) * log_p * grad_loss.reshape(shape)).to(target.dtype)
     return grad_logits, grad_target, None, None, None
 

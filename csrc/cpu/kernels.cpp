@@ -35,9 +35,10 @@ struct AccOf<double> {
 
 enum Mode : int { kPlain = 0, kSmooth = 1, kProb = 2 };
 
+// lse = m + log_s, kept as two parts so that z - lse loses no precision.
 template <typename acc_t>
 struct Stats {
-  acc_t lse, sum_a, sum_az;
+  acc_t m, log_s, sum_a, sum_az;
 };
 
 // One row, resolved from the params: element j of the row is at [j * step].
@@ -108,7 +109,7 @@ FSCE_VINLINE Stats<acc_t> stats_scalar(const Row<T>& row, const T* w, int64_t C,
       saz += a * (x - pivot);
     }
   }
-  return {m + std::log(s), sa, saz};
+  return {m, std::log(s), sa, saz};
 }
 
 template <typename T, typename acc_t>
@@ -121,11 +122,12 @@ FSCE_VINLINE acc_t sum_coef_scalar(const Row<T>& row, const T* w, int64_t C, acc
 
 template <typename T, typename acc_t>
 FSCE_VINLINE void grad_scalar(const Row<T>& row, T* out, const T* w, int64_t C, int mode,
-                              acc_t eps, acc_t lse, acc_t gA, acc_t gk, acc_t gy, int64_t y) {
+                              acc_t eps, acc_t lse_hi, acc_t lse_lo, acc_t gA, acc_t gk, acc_t gy,
+                              int64_t y) {
   const acc_t inv_c = acc_t(1) / C;
   for (int64_t j = 0; j < C; ++j) {
     const acc_t x = static_cast<acc_t>(row.z[j * row.step]);
-    acc_t v = gA * std::exp(x - lse);
+    acc_t v = gA * std::exp((x - lse_hi) - lse_lo);
     if (mode != kPlain) v -= gk * coef_scalar(row, w, j, mode, eps, inv_c);
     if (j == y) v -= gy;
     out[j * row.step] = static_cast<T>(v);
@@ -205,7 +207,7 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, const T* t, const T* w, int64_t 
   float S = 0.f;
   for (int l = 0; l < kLanes; ++l)
     if (m[l] != -kInf) S += s[l] * std::exp(m[l] - M);
-  return {M + std::log(S), hsum(sa), hsum(saz)};
+  return {M, std::log(S), hsum(sa), hsum(saz)};
 }
 
 template <typename T>
@@ -220,13 +222,13 @@ FSCE_VINLINE float sum_coef_vec(const T* t, const T* w, int64_t C, float eps) {
 
 template <typename T, int MODE>
 FSCE_VINLINE void grad_vec(const T* z, const T* t, const T* w, T* out, int64_t C, float eps,
-                           float lse, float gA, float gk, float gy, int64_t y) {
+                           float lse_hi, float lse_lo, float gA, float gk, float gy, int64_t y) {
   const float inv_c = 1.f / C;
   for (int64_t j = 0; j < C; j += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, C - j));
     const bool full = count == kLanes;
     const vfloat x = full ? load16(z + j) : load_partial(z + j, count, 0.f);
-    vfloat v = gA * exp2v((x - lse) * kLog2e);
+    vfloat v = gA * exp2v(((x - lse_hi) - lse_lo) * kLog2e);
     if constexpr (MODE != kPlain) v -= gk * coef_vec<T, MODE>(t, w, j, count, eps, inv_c);
     // The target's -coef_y is folded in fp32, before rounding to the output type.
     // A lane select, not v[y - j], so that v stays in a register.
@@ -263,15 +265,15 @@ FSCE_VINLINE acc_t row_sum_coef(const Row<T>& row, const T* w, int64_t C, acc_t 
 
 template <typename T, typename acc_t>
 FSCE_VINLINE void row_grad(const Row<T>& row, T* out, const T* w, int64_t C, int mode, acc_t eps,
-                           acc_t lse, acc_t gA, acc_t gk, acc_t gy, int64_t y) {
+                           acc_t lse_hi, acc_t lse_lo, acc_t gA, acc_t gk, acc_t gy, int64_t y) {
   if constexpr (!std::is_same_v<T, double>) {
     if (row.step == 1) {
-      if (mode == kPlain) return grad_vec<T, kPlain>(row.z, row.t, w, out, C, eps, lse, gA, gk, gy, y);
-      if (mode == kSmooth) return grad_vec<T, kSmooth>(row.z, row.t, w, out, C, eps, lse, gA, gk, gy, y);
-      return grad_vec<T, kProb>(row.z, row.t, w, out, C, eps, lse, gA, gk, gy, y);
+      if (mode == kPlain) return grad_vec<T, kPlain>(row.z, row.t, w, out, C, eps, lse_hi, lse_lo, gA, gk, gy, y);
+      if (mode == kSmooth) return grad_vec<T, kSmooth>(row.z, row.t, w, out, C, eps, lse_hi, lse_lo, gA, gk, gy, y);
+      return grad_vec<T, kProb>(row.z, row.t, w, out, C, eps, lse_hi, lse_lo, gA, gk, gy, y);
     }
   }
-  grad_scalar<T, acc_t>(row, out, w, C, mode, eps, lse, gA, gk, gy, y);
+  grad_scalar<T, acc_t>(row, out, w, C, mode, eps, lse_hi, lse_lo, gA, gk, gy, y);
 }
 
 template <typename T, typename acc_t>
@@ -298,7 +300,7 @@ FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bo
   const acc_t scale = write_grad ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(0);
   const acc_t W = weight_total<acc_t>(p);
   auto* loss = static_cast<acc_t*>(p.loss);
-  auto* lse_out = static_cast<acc_t*>(p.lse);
+  auto* lse_out = static_cast<double*>(p.lse);
   for (int64_t r = begin; r < end; ++r) {
     const Row<T> row = row_at<T>(p, r);
     const RowTarget<acc_t> tgt = row_target<T, acc_t>(p, r);
@@ -315,11 +317,11 @@ FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bo
     const Stats<acc_t> st = row_stats<T, acc_t>(row, w, C, mode, eps, pivot);
     const acc_t sum_a = mode == kSmooth ? W : st.sum_a;
     const acc_t z_y = tgt.y >= 0 ? static_cast<acc_t>(row.z[tgt.y * row.step]) : acc_t(0);
-    loss[r] = row_loss(tgt, st.lse, z_y, pivot, sum_a, st.sum_az);
-    lse_out[r] = st.lse;
+    loss[r] = row_loss(tgt, st.m, st.log_s, z_y, pivot, sum_a, st.sum_az);
+    lse_out[r] = static_cast<double>(st.m) + static_cast<double>(st.log_s);
     if (write_grad) {
       const acc_t A = tgt.coef_y + tgt.k * sum_a;
-      row_grad<T, acc_t>(row, row.g, w, C, mode, eps, st.lse, scale * A, scale * tgt.k,
+      row_grad<T, acc_t>(row, row.g, w, C, mode, eps, st.m, st.log_s, scale * A, scale * tgt.k,
                          scale * tgt.coef_y, tgt.y);
     }
   }
@@ -332,7 +334,7 @@ FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end) {
   const T* w = static_cast<const T*>(p.weight);
   const acc_t eps = static_cast<acc_t>(p.label_smoothing);
   const acc_t W = weight_total<acc_t>(p);
-  const auto* lse = static_cast<const acc_t*>(p.lse);
+  const auto* lse = static_cast<const double*>(p.lse);
   const auto* grad_rows = static_cast<const acc_t*>(p.grad_rows);
   for (int64_t r = begin; r < end; ++r) {
     const Row<T> row = row_at<T>(p, r);
@@ -346,8 +348,11 @@ FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end) {
     const acc_t sum_a =
         mode == kProb ? row_sum_coef<T, acc_t>(row, w, C, eps) : (mode == kSmooth ? W : acc_t(0));
     const acc_t A = tgt.coef_y + tgt.k * sum_a;
-    row_grad<T, acc_t>(row, row.g, w, C, mode, eps, lse[r], g * A, g * tgt.k, g * tgt.coef_y,
-                       tgt.y);
+    // lse is float64 so that (z - hi) - lo keeps z - lse exact for large logits.
+    const acc_t lse_hi = static_cast<acc_t>(lse[r]);
+    const acc_t lse_lo = static_cast<acc_t>(lse[r] - static_cast<double>(lse_hi));
+    row_grad<T, acc_t>(row, row.g, w, C, mode, eps, lse_hi, lse_lo, g * A, g * tgt.k,
+                       g * tgt.coef_y, tgt.y);
   }
 }
 
