@@ -26,6 +26,10 @@ namespace fsce {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Which a_j terms a row needs: none, smoothing over class weights, or a
+// probability target.
+enum Mode : int { kPlain = 0, kSmooth = 1, kProb = 2 };
+
 // What a row's target says, decided once per row.
 template <typename acc_t>
 struct RowTarget {
@@ -76,6 +80,36 @@ FSCE_HD acc_t row_loss(const RowTarget<acc_t>& t, acc_t m, acc_t log_s, acc_t z_
   // infinite logit elsewhere in the row cannot turn 0 * inf into nan.
   if (t.k != 0) loss += t.k * (sum_a * ((m - pivot) + log_s) - sum_az);
   return loss;
+}
+
+// Element offsets of row r = n * inner + s in the logits, the probability
+// target and the gradient; element j of the row is j * inner further on.
+struct RowOffsets {
+  int64_t logits, target, grad;
+};
+
+FSCE_HD RowOffsets row_offsets(const CEParams& p, int64_t r) {
+  const int64_t n = r / p.inner, s = r % p.inner;
+  return {n * p.logits_outer_stride + s, n * p.target_outer_stride + s, n * p.grad_outer_stride + s};
+}
+
+// Reads row r's target (and w_y, only when y is a valid index) from the params.
+template <typename T, typename acc_t>
+FSCE_HD RowTarget<acc_t> row_target(const CEParams& p, int64_t r) {
+  if (p.target_index == nullptr) return prob_row_target<acc_t>();
+  const int64_t y = p.target_index[r];
+  const bool in_range = y >= 0 && y < p.classes;
+  const acc_t w_y = (p.weight && in_range)
+                        ? static_cast<acc_t>(static_cast<const T*>(p.weight)[y])
+                        : acc_t(1);
+  return index_row_target<acc_t>(y, p.classes, p.ignore_index, w_y,
+                                 static_cast<acc_t>(p.label_smoothing));
+}
+
+// Sum of the class weights (a device scalar), or C without weights.
+template <typename acc_t>
+FSCE_HD acc_t weight_total(const CEParams& p) {
+  return p.weight_sum ? *static_cast<const acc_t*>(p.weight_sum) : static_cast<acc_t>(p.classes);
 }
 
 template <typename acc_t>

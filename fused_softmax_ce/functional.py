@@ -77,6 +77,9 @@ class _InplaceCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, grad_scale, ignore_index, label_smoothing, reduction):
         loss = ops.ce_forward_inplace(logits, target, weight, grad_scale, ignore_index, label_smoothing)
+        # Custom C++ ops do not bump the version counter; doing it here makes
+        # autograd raise if anything saved the logits for its own backward.
+        torch.autograd.graph.increment_version(logits)
         ctx.save_for_backward(logits)
         if reduction == "none":
             return loss

@@ -33,8 +33,6 @@ struct AccOf<double> {
   using type = double;
 };
 
-enum Mode : int { kPlain = 0, kSmooth = 1, kProb = 2 };
-
 // lse = m + log_s, kept as two parts so that z - lse loses no precision.
 template <typename acc_t>
 struct Stats {
@@ -52,26 +50,13 @@ struct Row {
 
 template <typename T>
 FSCE_VINLINE Row<T> row_at(const CEParams& p, int64_t r) {
-  const int64_t n = r / p.inner, s = r % p.inner;
+  const RowOffsets off = row_offsets(p, r);
   Row<T> row;
-  row.z = static_cast<const T*>(p.logits) + n * p.logits_outer_stride + s;
-  row.t = p.target_prob ? static_cast<const T*>(p.target_prob) + n * p.target_outer_stride + s
-                        : nullptr;
-  row.g = p.grad ? static_cast<T*>(p.grad) + n * p.grad_outer_stride + s : nullptr;
+  row.z = static_cast<const T*>(p.logits) + off.logits;
+  row.t = p.target_prob ? static_cast<const T*>(p.target_prob) + off.target : nullptr;
+  row.g = p.grad ? static_cast<T*>(p.grad) + off.grad : nullptr;
   row.step = p.inner;
   return row;
-}
-
-template <typename T, typename acc_t>
-FSCE_VINLINE RowTarget<acc_t> row_target(const CEParams& p, int64_t r) {
-  if (p.target_index == nullptr) return prob_row_target<acc_t>();
-  const int64_t y = p.target_index[r];
-  const bool in_range = y >= 0 && y < p.classes;
-  const acc_t w_y = (p.weight && in_range)
-                        ? static_cast<acc_t>(static_cast<const T*>(p.weight)[y])
-                        : acc_t(1);
-  return index_row_target<acc_t>(y, p.classes, p.ignore_index, w_y,
-                                 static_cast<acc_t>(p.label_smoothing));
 }
 
 template <typename T>
@@ -279,11 +264,6 @@ FSCE_VINLINE void row_grad(const Row<T>& row, T* out, const T* w, int64_t C, int
 template <typename T, typename acc_t>
 FSCE_VINLINE void fill_row(T* out, int64_t C, int64_t step, acc_t value) {
   for (int64_t j = 0; j < C; ++j) out[j * step] = static_cast<T>(value);
-}
-
-template <typename acc_t>
-FSCE_VINLINE acc_t weight_total(const CEParams& p) {
-  return p.weight_sum ? *static_cast<const acc_t*>(p.weight_sum) : static_cast<acc_t>(p.classes);
 }
 
 template <typename acc_t>
