@@ -33,7 +33,7 @@ $(STAMP): build/.deps $(SOURCES)
 	@touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 bench: $(STAMP)
 	$(PY) bench/bench.py

@@ -93,15 +93,14 @@ FSCE_HD RowOffsets row_offsets(const CEParams& p, int64_t r) {
   return {n * p.logits_outer_stride + s, n * p.target_outer_stride + s, n * p.grad_outer_stride + s};
 }
 
-// Reads row r's target (and w_y, only when y is a valid index) from the params.
-template <typename T, typename acc_t>
-FSCE_HD RowTarget<acc_t> row_target(const CEParams& p, int64_t r) {
+// Reads row r's target; weight_of(y) is asked for w_y only when y is a valid
+// index (each backend converts its own half types).
+template <typename acc_t, typename WeightOf>
+FSCE_HD RowTarget<acc_t> row_target(const CEParams& p, int64_t r, WeightOf weight_of) {
   if (p.target_index == nullptr) return prob_row_target<acc_t>();
   const int64_t y = p.target_index[r];
   const bool in_range = y >= 0 && y < p.classes;
-  const acc_t w_y = (p.weight && in_range)
-                        ? static_cast<acc_t>(static_cast<const T*>(p.weight)[y])
-                        : acc_t(1);
+  const acc_t w_y = (p.weight && in_range) ? weight_of(y) : acc_t(1);
   return index_row_target<acc_t>(y, p.classes, p.ignore_index, w_y,
                                  static_cast<acc_t>(p.label_smoothing));
 }

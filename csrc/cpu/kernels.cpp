@@ -59,6 +59,12 @@ FSCE_VINLINE Row<T> row_at(const CEParams& p, int64_t r) {
   return row;
 }
 
+template <typename T, typename acc_t>
+FSCE_VINLINE RowTarget<acc_t> target_of(const CEParams& p, int64_t r) {
+  const T* w = static_cast<const T*>(p.weight);
+  return row_target<acc_t>(p, r, [w](int64_t y) { return static_cast<acc_t>(w[y]); });
+}
+
 template <typename T>
 FSCE_VINLINE int row_mode(const Row<T>& row, const RowTarget<typename AccOf<T>::type>& tgt) {
   return row.t ? kProb : (tgt.k != 0 ? kSmooth : kPlain);
@@ -283,7 +289,7 @@ FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bo
   auto* lse_out = static_cast<double*>(p.lse);
   for (int64_t r = begin; r < end; ++r) {
     const Row<T> row = row_at<T>(p, r);
-    const RowTarget<acc_t> tgt = row_target<T, acc_t>(p, r);
+    const RowTarget<acc_t> tgt = target_of<T, acc_t>(p, r);
     if (tgt.ignored || tgt.invalid) {
       // An invalid index poisons its row rather than reading out of bounds.
       const acc_t fill = tgt.ignored ? acc_t(0) : quiet_nan<acc_t>();
@@ -318,7 +324,7 @@ FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end) {
   const auto* grad_rows = static_cast<const acc_t*>(p.grad_rows);
   for (int64_t r = begin; r < end; ++r) {
     const Row<T> row = row_at<T>(p, r);
-    const RowTarget<acc_t> tgt = row_target<T, acc_t>(p, r);
+    const RowTarget<acc_t> tgt = target_of<T, acc_t>(p, r);
     if (tgt.ignored || tgt.invalid) {
       fill_row(row.g, C, row.step, tgt.ignored ? acc_t(0) : quiet_nan<acc_t>());
       continue;

@@ -196,11 +196,12 @@ __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool a
                                             const Walker& walk) {
   using acc_t = typename AccOf<T>::type;
   const int64_t C = p.classes;
-  const RowTarget<acc_t> tgt = row_target<T, acc_t>(p, active ? r : 0);
+  const T* w = static_cast<const T*>(p.weight);
+  const RowTarget<acc_t> tgt =
+      row_target<acc_t>(p, active ? r : 0, [w](int64_t y) { return to_acc(w[y]); });
   const RowOffsets off = row_offsets(p, active ? r : 0);
   const T* z = static_cast<const T*>(p.logits) + off.logits;
   const T* t = p.target_prob ? static_cast<const T*>(p.target_prob) + off.target : nullptr;
-  const T* w = static_cast<const T*>(p.weight);
   T* g_out = p.grad ? static_cast<T*>(p.grad) + off.grad : nullptr;
   const int64_t step = p.inner;
   const acc_t eps = static_cast<acc_t>(p.label_smoothing);
