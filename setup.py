@@ -52,7 +52,9 @@ def _build_cuda():
 
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for is inline OpenMP in the headers; the runtime is
+    # the libgomp torch has already loaded.
+    cxx = ["-O3", "-fno-math-errno", "-fopenmp"]
     if not _build_cuda():
         return CppExtension("fused_softmax_ce._C", sources, extra_compile_args={"cxx": cxx})
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():

@@ -42,27 +42,24 @@ FSCE_VINLINE vuint as_uint(vfloat f) {
   return u;
 }
 
-// 2^x with a degree-7 Taylor polynomial on the reduced argument in
-// [-0.5, 0.5] (relative error below 1e-8 before rounding); exact 0 below -127.
+// 2^x for the callers' arguments, which are <= 0 (logits minus a running
+// max or minus the lse). A degree-5 minimax polynomial on the reduced argument
+// in [-0.5, 0.5] (relative error below 2e-7); below -126 the result is about
+// 1e-38 rather than 0; nan stays nan.
 FSCE_VINLINE vfloat exp2v(vfloat x) {
-  x = x > 127.f ? splat(127.f) : x;
-  vint tiny = x < -127.f;
-  x = x < -127.f ? splat(-127.f) : x;
-  const float round_magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  vfloat r = (x + round_magic) - round_magic;
-  vfloat f = x - r;
-  vfloat poly = splat(1.5252733804059841e-05f);
-  poly = poly * f + 1.5403530393381606e-04f;
-  poly = poly * f + 1.3333558146428443e-03f;
-  poly = poly * f + 9.6181291076284772e-03f;
-  poly = poly * f + 5.5504108664821580e-02f;
-  poly = poly * f + 2.4022650695910071e-01f;
-  poly = poly * f + 6.9314718055994531e-01f;
+  x = x < -126.f ? splat(-126.f) : x;
+  // Adding 1.5 * 2^23 rounds x to an integer n; the + 127 leaves the biased
+  // exponent n + 127 in the low bits, ready to shift into place.
+  const float magic = 12582912.f + 127.f;
+  const vfloat t = x + magic;
+  const vfloat f = x - (t - magic);
+  vfloat poly = splat(1.3264574808999896e-03f);
+  poly = poly * f + 9.6715157851576805e-03f;
+  poly = poly * f + 5.5507343262434006e-02f;
+  poly = poly * f + 2.4022242426872253e-01f;
+  poly = poly * f + 6.9314700365066528e-01f;
   poly = poly * f + 1.0f;
-  vint n = __builtin_convertvector(r, vint);
-  vfloat scale = as_float(vuint((n + 127) << 23));
-  vfloat out = poly * scale;
-  return tiny ? vfloat{} : out;
+  return poly * as_float(as_uint(t) << 23);
 }
 
 // Loads and stores of 16 elements, converting to and from float.

@@ -99,25 +99,25 @@ struct GroupWalker {
   using acc_t = typename AccOf<T>::type;
   static constexpr int kVec = 16 / sizeof(T);
   int lane;
-  int64_t C;
+  int64_t begin, end;  // the columns this group covers
 
   __device__ __forceinline__ bool leader() const { return lane == 0; }
 
-  // Calls f(j, z_j) for this thread's elements of a contiguous row.
+  // Calls f(j, z_j) for this thread's columns j of a contiguous row z.
   template <typename F>
   __device__ __forceinline__ void each(const T* z, F&& f) const {
-    const int64_t head = head_of(z);
-    for (int64_t j = lane; j < head; j += G) f(j, to_acc(z[j]));
-    const int64_t nvec = (C - head) / kVec;
-    const uint4* body = reinterpret_cast<const uint4*>(z + head);
+    const int64_t body = body_start(z);
+    for (int64_t j = begin + lane; j < body; j += G) f(j, to_acc(z[j]));
+    const int64_t nvec = (end - body) / kVec;
+    const uint4* vec = reinterpret_cast<const uint4*>(z + body);
 #pragma unroll 4
     for (int64_t v = lane; v < nvec; v += G) {
-      const uint4 raw = body[v];
+      const uint4 raw = vec[v];
       const T* vals = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) f(head + v * kVec + k, to_acc(vals[k]));
+      for (int k = 0; k < kVec; ++k) f(body + v * kVec + k, to_acc(vals[k]));
     }
-    for (int64_t j = head + nvec * kVec + lane; j < C; j += G) f(j, to_acc(z[j]));
+    for (int64_t j = body + nvec * kVec + lane; j < end; j += G) f(j, to_acc(z[j]));
   }
 
   // out[j] = f(j, z_j); out may alias z (each element is read, then written, by one thread).
@@ -125,12 +125,12 @@ struct GroupWalker {
   __device__ __forceinline__ void transform(const T* z, T* out, F&& f) const {
     const bool same_phase =
         ((reinterpret_cast<uintptr_t>(z) ^ reinterpret_cast<uintptr_t>(out)) & 15) == 0;
-    const int64_t head = same_phase ? head_of(z) : C;
-    for (int64_t j = lane; j < head; j += G) out[j] = from_acc<T>(f(j, to_acc(z[j])));
+    const int64_t body = same_phase ? body_start(z) : end;
+    for (int64_t j = begin + lane; j < body; j += G) out[j] = from_acc<T>(f(j, to_acc(z[j])));
     if (!same_phase) return;
-    const int64_t nvec = (C - head) / kVec;
-    const uint4* in_vec = reinterpret_cast<const uint4*>(z + head);
-    uint4* out_vec = reinterpret_cast<uint4*>(out + head);
+    const int64_t nvec = (end - body) / kVec;
+    const uint4* in_vec = reinterpret_cast<const uint4*>(z + body);
+    uint4* out_vec = reinterpret_cast<uint4*>(out + body);
 #pragma unroll 4
     for (int64_t v = lane; v < nvec; v += G) {
       const uint4 raw = in_vec[v];
@@ -138,10 +138,10 @@ struct GroupWalker {
       uint4 packed;
       T* res = reinterpret_cast<T*>(&packed);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) res[k] = from_acc<T>(f(head + v * kVec + k, to_acc(vals[k])));
+      for (int k = 0; k < kVec; ++k) res[k] = from_acc<T>(f(body + v * kVec + k, to_acc(vals[k])));
       out_vec[v] = packed;
     }
-    for (int64_t j = head + nvec * kVec + lane; j < C; j += G)
+    for (int64_t j = body + nvec * kVec + lane; j < end; j += G)
       out[j] = from_acc<T>(f(j, to_acc(z[j])));
   }
 
@@ -161,10 +161,12 @@ struct GroupWalker {
   }
 
  private:
-  // Elements before the first 16-byte boundary of z (z is element-aligned).
-  __device__ __forceinline__ int64_t head_of(const T* z) const {
-    const int64_t head = ((16 - (reinterpret_cast<uintptr_t>(z) & 15)) & 15) / sizeof(T);
-    return head < C ? head : C;
+  // The first column at or after `begin` whose address is 16-byte aligned
+  // (z is element-aligned); the columns before it are the scalar head.
+  __device__ __forceinline__ int64_t body_start(const T* z) const {
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(z + begin);
+    const int64_t body = begin + static_cast<int64_t>(((16 - (addr & 15)) & 15) / sizeof(T));
+    return body < end ? body : end;
   }
 };
 
@@ -189,90 +191,151 @@ struct StridedWalker {
   __device__ __forceinline__ Partial<acc_t> reduce(Partial<acc_t> p) const { return p; }
 };
 
-// Everything one row does in one phase. `active` is false for the padding
-// threads of a group past the last row: they join the reductions only.
+// One row's target, pointers and per-class coefficient. `active` is false for
+// the padding threads of a group past the last row: they only join reductions.
+template <typename T>
+struct RowContext {
+  using acc_t = typename AccOf<T>::type;
+  RowTarget<acc_t> tgt;
+  const T* z;
+  const T* t;
+  const T* w;
+  T* g_out;
+  int64_t step;
+  acc_t eps, inv_c;
+  int mode;
+  bool active, skip;
+
+  __device__ __forceinline__ RowContext(const CEParams& p, int64_t r, bool is_active) {
+    const int64_t row = is_active ? r : 0;
+    w = static_cast<const T*>(p.weight);
+    const T* wp = w;
+    tgt = row_target<acc_t>(p, row, [wp](int64_t y) { return to_acc(wp[y]); });
+    const RowOffsets off = row_offsets(p, row);
+    z = static_cast<const T*>(p.logits) + off.logits;
+    t = p.target_prob ? static_cast<const T*>(p.target_prob) + off.target : nullptr;
+    g_out = p.grad ? static_cast<T*>(p.grad) + off.grad : nullptr;
+    step = p.inner;
+    eps = static_cast<acc_t>(p.label_smoothing);
+    inv_c = acc_t(1) / static_cast<acc_t>(p.classes);
+    mode = t ? kProb : (tgt.k != 0 ? kSmooth : kPlain);
+    active = is_active;
+    skip = !is_active || tgt.ignored || tgt.invalid || p.classes == 0;
+  }
+
+  __device__ __forceinline__ acc_t coef(int64_t j) const {
+    const acc_t wj = w ? to_acc(w[j]) : acc_t(1);
+    return mode == kProb ? prob_coef<acc_t>(to_acc(t[j * step]), wj, eps, inv_c) : wj;
+  }
+
+  // Read before any thread of the row writes (the in-place phase overwrites z).
+  __device__ __forceinline__ acc_t pivot() const { return skip ? acc_t(0) : finite_or_zero(to_acc(z[0])); }
+  __device__ __forceinline__ acc_t z_y() const {
+    return (!skip && tgt.y >= 0) ? to_acc(z[tgt.y * step]) : acc_t(0);
+  }
+  __device__ __forceinline__ acc_t fill() const { return tgt.ignored ? acc_t(0) : quiet_nan<acc_t>(); }
+};
+
+// This thread's share of the row's online-softmax state (not yet reduced).
+template <typename T, typename Walker>
+__device__ __forceinline__ Partial<typename AccOf<T>::type> row_partial(
+    const RowContext<T>& row, const Walker& walk, typename AccOf<T>::type pivot) {
+  using acc_t = typename AccOf<T>::type;
+  Partial<acc_t> part{neg_inf<acc_t>(), 0, 0, 0};
+  if (!row.skip) {
+    walk.each(row.z, [&](int64_t j, acc_t x) {
+      absorb(part, x);
+      if (row.mode != kPlain) {
+        const acc_t a = row.coef(j);
+        part.sa += a;
+        part.saz += a * (x - pivot);
+      }
+    });
+  }
+  return part;
+}
+
+// sum_a of the loss algebra (row_math.h) once the reduced state is known.
+template <typename T>
+__device__ __forceinline__ typename AccOf<T>::type row_sum_a(const CEParams& p, const RowContext<T>& row,
+                                                            typename AccOf<T>::type reduced_sa) {
+  using acc_t = typename AccOf<T>::type;
+  return row.mode == kSmooth ? weight_total<acc_t>(p) : row.mode == kProb ? reduced_sa : acc_t(0);
+}
+
+template <typename T>
+__device__ __forceinline__ void write_loss(const CEParams& p, int64_t r, const RowContext<T>& row,
+                                           const Partial<typename AccOf<T>::type>& part,
+                                           typename AccOf<T>::type pivot, typename AccOf<T>::type z_y) {
+  using acc_t = typename AccOf<T>::type;
+  const acc_t log_s = log(part.s);
+  const acc_t loss = row.skip ? row.fill()
+                              : row_loss(row.tgt, part.m, log_s, z_y, pivot, row_sum_a(p, row, part.sa), part.saz);
+  static_cast<acc_t*>(p.loss)[r] = loss;
+  static_cast<double*>(p.lse)[r] = row.skip ? static_cast<double>(row.fill())
+                                            : static_cast<double>(part.m) + static_cast<double>(log_s);
+}
+
+// grad = scale * (A p - k a - [j == y] coef_y) over the walker's columns,
+// with lse = hi + lo.
+template <typename T, typename Walker>
+__device__ __forceinline__ void write_grad(const RowContext<T>& row, const Walker& walk,
+                                           typename AccOf<T>::type hi, typename AccOf<T>::type lo,
+                                           typename AccOf<T>::type scale,
+                                           typename AccOf<T>::type sum_a) {
+  using acc_t = typename AccOf<T>::type;
+  if (!row.active) return;
+  if (row.skip) {
+    const acc_t fill = row.fill();
+    walk.transform(row.z, row.g_out, [&](int64_t, acc_t) { return fill; });
+    return;
+  }
+  const acc_t gA = scale * (row.tgt.coef_y + row.tgt.k * sum_a);
+  const acc_t gk = scale * row.tgt.k;
+  const acc_t gy = scale * row.tgt.coef_y;
+  const int64_t y = row.tgt.y;
+  walk.transform(row.z, row.g_out, [&](int64_t j, acc_t x) {
+    acc_t v = gA * exp_acc((x - hi) - lo);
+    if (row.mode != kPlain) v -= gk * row.coef(j);
+    if (j == y) v -= gy;  // folded in fp32, before rounding to the output type
+    return v;
+  });
+}
+
+// The saved float64 lse split into two accumulation-type parts.
+template <typename acc_t>
+__device__ __forceinline__ void split_lse(double lse, acc_t& hi, acc_t& lo) {
+  hi = static_cast<acc_t>(lse);
+  lo = static_cast<acc_t>(lse - static_cast<double>(hi));
+}
+
+// Everything one row does in one phase, with one walker covering the row.
 template <typename T, int PHASE, typename Walker>
 __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool active,
                                             const Walker& walk) {
   using acc_t = typename AccOf<T>::type;
-  const int64_t C = p.classes;
-  const T* w = static_cast<const T*>(p.weight);
-  const RowTarget<acc_t> tgt =
-      row_target<acc_t>(p, active ? r : 0, [w](int64_t y) { return to_acc(w[y]); });
-  const RowOffsets off = row_offsets(p, active ? r : 0);
-  const T* z = static_cast<const T*>(p.logits) + off.logits;
-  const T* t = p.target_prob ? static_cast<const T*>(p.target_prob) + off.target : nullptr;
-  T* g_out = p.grad ? static_cast<T*>(p.grad) + off.grad : nullptr;
-  const int64_t step = p.inner;
-  const acc_t eps = static_cast<acc_t>(p.label_smoothing);
-  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
-  const bool skip = !active || tgt.ignored || tgt.invalid || C == 0;
-  const int mode = t ? kProb : (tgt.k != 0 ? kSmooth : kPlain);
-  auto coef = [&](int64_t j) -> acc_t {
-    const acc_t wj = w ? to_acc(w[j]) : acc_t(1);
-    return mode == kProb ? prob_coef<acc_t>(to_acc(t[j * step]), wj, eps, inv_c) : wj;
-  };
-
-  acc_t hi = 0, lo = 0, sum_a = 0, grad_scale = 0;
+  const RowContext<T> row(p, r, active);
   if constexpr (PHASE != kBackward) {
-    // Read before any thread of the row writes (the in-place phase overwrites z).
-    const acc_t pivot = skip ? acc_t(0) : finite_or_zero(to_acc(z[0]));
-    const acc_t z_y = (!skip && tgt.y >= 0) ? to_acc(z[tgt.y * step]) : acc_t(0);
-    Partial<acc_t> part{neg_inf<acc_t>(), 0, 0, 0};
-    if (!skip) {
-      walk.each(z, [&](int64_t j, acc_t x) {
-        absorb(part, x);
-        if (mode != kPlain) {
-          const acc_t a = coef(j);
-          part.sa += a;
-          part.saz += a * (x - pivot);
-        }
-      });
+    const acc_t pivot = row.pivot(), z_y = row.z_y();
+    const Partial<acc_t> part = walk.reduce(row_partial(row, walk, pivot));
+    if (active && walk.leader()) write_loss(p, r, row, part, pivot, z_y);
+    if constexpr (PHASE == kForwardInplace) {
+      write_grad(row, walk, part.m, static_cast<acc_t>(log(part.s)),
+                 *static_cast<const acc_t*>(p.grad_scale), row_sum_a(p, row, part.sa));
     }
-    part = walk.reduce(part);
-    hi = part.m;
-    lo = log(part.s);
-    sum_a = mode == kSmooth ? weight_total<acc_t>(p) : part.sa;
-    if (active && walk.leader()) {
-      const acc_t fill = tgt.ignored ? acc_t(0) : quiet_nan<acc_t>();
-      static_cast<acc_t*>(p.loss)[r] = skip ? fill : row_loss(tgt, hi, lo, z_y, pivot, sum_a, part.saz);
-      static_cast<double*>(p.lse)[r] = skip ? static_cast<double>(fill)
-                                            : static_cast<double>(hi) + static_cast<double>(lo);
-    }
-    if constexpr (PHASE == kForward) return;
-    grad_scale = *static_cast<const acc_t*>(p.grad_scale);
   } else {
-    if (!skip) {
-      const double lse = static_cast<const double*>(p.lse)[r];
-      hi = static_cast<acc_t>(lse);
-      lo = static_cast<acc_t>(lse - static_cast<double>(hi));
-      grad_scale = static_cast<const acc_t*>(p.grad_rows)[r * p.grad_rows_stride];
+    acc_t hi = 0, lo = 0, scale = 0, sa = 0;
+    if (!row.skip) {
+      split_lse(static_cast<const double*>(p.lse)[r], hi, lo);
+      scale = static_cast<const acc_t*>(p.grad_rows)[r * p.grad_rows_stride];
     }
-    if (mode == kProb) {
+    if (row.mode == kProb) {
       Partial<acc_t> part{0, 0, 0, 0};
-      if (!skip) walk.each(z, [&](int64_t j, acc_t) { part.sa += coef(j); });
-      sum_a = walk.reduce(part).sa;
-    } else if (mode == kSmooth) {
-      sum_a = weight_total<acc_t>(p);
+      if (!row.skip) walk.each(row.z, [&](int64_t j, acc_t) { part.sa += row.coef(j); });
+      sa = walk.reduce(part).sa;
     }
+    write_grad(row, walk, hi, lo, scale, row_sum_a(p, row, sa));
   }
-
-  if (!active) return;
-  if (skip) {
-    const acc_t fill = tgt.ignored ? acc_t(0) : quiet_nan<acc_t>();
-    walk.transform(z, g_out, [&](int64_t, acc_t) { return fill; });
-    return;
-  }
-  const acc_t gA = grad_scale * (tgt.coef_y + tgt.k * sum_a);
-  const acc_t gk = grad_scale * tgt.k;
-  const acc_t gy = grad_scale * tgt.coef_y;
-  const int64_t y = tgt.y;
-  walk.transform(z, g_out, [&](int64_t j, acc_t x) {
-    acc_t v = gA * exp_acc((x - hi) - lo);
-    if (mode != kPlain) v -= gk * coef(j);
-    if (j == y) v -= gy;  // folded in fp32, before rounding to the output type
-    return v;
-  });
 }
 
 template <int G>
@@ -284,7 +347,7 @@ template <typename T, int G, int PHASE>
 __global__ void __launch_bounds__(block_threads<G>()) rows_kernel(const CEParams p) {
   constexpr int kGroups = block_threads<G>() / G;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / G;
-  GroupWalker<T, G> walk{static_cast<int>(threadIdx.x % G), p.classes};
+  GroupWalker<T, G> walk{static_cast<int>(threadIdx.x % G), 0, p.classes};
   process_row<T, PHASE>(p, r, r < p.rows, walk);
 }
 
@@ -293,6 +356,54 @@ __global__ void __launch_bounds__(256) spatial_kernel(const CEParams p) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= p.rows) return;
   process_row<T, PHASE>(p, r, true, StridedWalker<T>{p.classes, p.inner});
+}
+
+// Split rows: few rows of many classes. Block b covers columns
+// [s * chunk, (s + 1) * chunk) of row b / splits, s = b % splits, so that the
+// grid fills the GPU whatever N is.
+constexpr int kSplitThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kSplitThreads) split_stats_kernel(const CEParams p, int splits,
+                                                                   int64_t chunk) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t r = blockIdx.x / splits, s = blockIdx.x % splits;
+  const int64_t begin = s * chunk, end = begin + chunk < p.classes ? begin + chunk : p.classes;
+  const RowContext<T> row(p, r, true);
+  GroupWalker<T, kSplitThreads> walk{static_cast<int>(threadIdx.x), begin, end};
+  const Partial<acc_t> part = walk.reduce(row_partial(row, walk, row.pivot()));
+  if (threadIdx.x == 0) static_cast<Partial<acc_t>*>(p.workspace)[blockIdx.x] = part;
+}
+
+// Merges each row's partials in split order (deterministic) and writes loss and lse.
+template <typename T>
+__global__ void __launch_bounds__(256) split_finish_kernel(const CEParams p, int splits) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= p.rows) return;
+  const RowContext<T> row(p, r, true);
+  const auto* parts = static_cast<const Partial<acc_t>*>(p.workspace) + r * splits;
+  Partial<acc_t> part = parts[0];
+  for (int s = 1; s < splits; ++s) part = merge(part, parts[s]);
+  write_loss(p, r, row, part, row.pivot(), row.z_y());
+}
+
+// Gradient of class-index rows from a saved lse, one chunk of one row per
+// block. `scale` is read at grad_rows[r * grad_rows_stride].
+template <typename T>
+__global__ void __launch_bounds__(kSplitThreads) split_grad_kernel(const CEParams p, int splits,
+                                                                  int64_t chunk) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t r = blockIdx.x / splits, s = blockIdx.x % splits;
+  const int64_t begin = s * chunk, end = begin + chunk < p.classes ? begin + chunk : p.classes;
+  const RowContext<T> row(p, r, true);
+  GroupWalker<T, kSplitThreads> walk{static_cast<int>(threadIdx.x), begin, end};
+  acc_t hi = 0, lo = 0, scale = 0;
+  if (!row.skip) {
+    split_lse(static_cast<const double*>(p.lse)[r], hi, lo);
+    scale = static_cast<const acc_t*>(p.grad_rows)[r * p.grad_rows_stride];
+  }
+  write_grad(row, walk, hi, lo, scale, row_sum_a(p, row, acc_t(0)));
 }
 
 template <typename T>
@@ -314,62 +425,135 @@ __global__ void __launch_bounds__(256) scale_kernel(const CEParams p) {
 }
 
 int sm_count() {
-  int device = 0, count = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  static const int count = [] {
+    int device = 0, n = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }();
   return count;
 }
 
+// How a contiguous-row launch is cut: `splits` blocks per row of `chunk`
+// columns, or splits == 1 for the group-per-row kernels.
+struct Split {
+  int splits;
+  int64_t chunk;
+};
+
+constexpr int64_t kMinChunk = 4096;
+
+// The forward splits rows when there are too few of them to give every SM
+// two blocks; only class-index rows (probability rows keep the row kernel).
+Split forward_split(const CEParams& p) {
+  const int64_t want_blocks = 2 * static_cast<int64_t>(sm_count());
+  if (p.inner != 1 || p.target_prob || p.classes < 4 * kMinChunk || p.rows >= want_blocks)
+    return {1, p.classes};
+  int64_t splits = (want_blocks + p.rows - 1) / p.rows;
+  const int64_t max_splits = p.classes / kMinChunk;
+  splits = splits < max_splits ? splits : max_splits;
+  const int64_t chunk = (p.classes + splits - 1) / splits;
+  return {static_cast<int>((p.classes + chunk - 1) / chunk), chunk};
+}
+
+// The backward of class-index rows needs no reduction: cut every large row
+// into chunks so that any N fills the GPU.
+Split backward_split(const CEParams& p) {
+  if (p.inner != 1 || p.target_prob || p.classes <= 2 * kMinChunk) return {1, p.classes};
+  const int64_t chunk = 4 * kMinChunk;
+  return {static_cast<int>((p.classes + chunk - 1) / chunk), chunk};
+}
+
+unsigned grid_of(int64_t blocks) { return static_cast<unsigned>(blocks); }
+
 template <typename T, int PHASE>
-void launch_phase(const CEParams& p, cudaStream_t stream) {
+void launch_rows(const CEParams& p, cudaStream_t stream) {
   if (p.inner > 1) {
-    const int64_t blocks = (p.rows + 255) / 256;
-    spatial_kernel<T, PHASE><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+    spatial_kernel<T, PHASE><<<grid_of((p.rows + 255) / 256), 256, 0, stream>>>(p);
   } else if (p.classes <= 2048) {
-    rows_kernel<T, 32, PHASE><<<static_cast<unsigned>((p.rows + 7) / 8), 256, 0, stream>>>(p);
+    rows_kernel<T, 32, PHASE><<<grid_of((p.rows + 7) / 8), 256, 0, stream>>>(p);
   } else if (p.classes <= 32768) {
-    rows_kernel<T, 256, PHASE><<<static_cast<unsigned>(p.rows), 256, 0, stream>>>(p);
+    rows_kernel<T, 256, PHASE><<<grid_of(p.rows), 256, 0, stream>>>(p);
   } else {
-    rows_kernel<T, 1024, PHASE><<<static_cast<unsigned>(p.rows), 1024, 0, stream>>>(p);
+    rows_kernel<T, 1024, PHASE><<<grid_of(p.rows), 1024, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <int PHASE>
-void dispatch(const CEParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::Float32: return launch_phase<float, PHASE>(p, stream);
-    case DType::Float64: return launch_phase<double, PHASE>(p, stream);
-    case DType::Float16: return launch_phase<__half, PHASE>(p, stream);
-    case DType::BFloat16: return launch_phase<__nv_bfloat16, PHASE>(p, stream);
+template <typename T>
+void launch_split_grad(const CEParams& p, Split split, cudaStream_t stream) {
+  split_grad_kernel<T><<<grid_of(p.rows * split.splits), kSplitThreads, 0, stream>>>(
+      p, split.splits, split.chunk);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_forward(const CEParams& p, bool write_grad, cudaStream_t stream) {
+  const Split split = forward_split(p);
+  if (split.splits == 1) {
+    if (write_grad)
+      launch_rows<T, kForwardInplace>(p, stream);
+    else
+      launch_rows<T, kForward>(p, stream);
+    return;
+  }
+  split_stats_kernel<T><<<grid_of(p.rows * split.splits), kSplitThreads, 0, stream>>>(
+      p, split.splits, split.chunk);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  split_finish_kernel<T><<<grid_of((p.rows + 255) / 256), 256, 0, stream>>>(p, split.splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (write_grad) {
+    // In place: the gradient pass reads the logits a second time.
+    CEParams g = p;
+    g.grad_rows = p.grad_scale;
+    g.grad_rows_stride = 0;
+    launch_split_grad<T>(g, backward_split(g), stream);
+  }
+}
+
+template <typename T>
+void launch_backward(const CEParams& p, cudaStream_t stream) {
+  const Split split = backward_split(p);
+  if (split.splits == 1)
+    launch_rows<T, kBackward>(p, stream);
+  else
+    launch_split_grad<T>(p, split, stream);
+}
+
+template <typename F>
+void by_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float64: return f(double{});
+    case DType::Float16: return f(__half{});
+    case DType::BFloat16: return f(__nv_bfloat16{});
   }
 }
 
 }  // namespace
 
-void forward(const CEParams& p, bool write_grad, cudaStream_t stream) {
-  if (write_grad)
-    dispatch<kForwardInplace>(p, stream);
-  else
-    dispatch<kForward>(p, stream);
+int64_t forward_workspace(const CEParams& p) {
+  const Split split = forward_split(p);
+  if (split.splits == 1) return 0;
+  const int64_t part = p.dtype == DType::Float64 ? sizeof(Partial<double>) : sizeof(Partial<float>);
+  return p.rows * split.splits * part;
 }
 
-void backward(const CEParams& p, cudaStream_t stream) { dispatch<kBackward>(p, stream); }
+void forward(const CEParams& p, bool write_grad, cudaStream_t stream) {
+  by_dtype(p.dtype, [&](auto tag) { launch_forward<decltype(tag)>(p, write_grad, stream); });
+}
+
+void backward(const CEParams& p, cudaStream_t stream) {
+  by_dtype(p.dtype, [&](auto tag) { launch_backward<decltype(tag)>(p, stream); });
+}
 
 void scale_rows(const CEParams& p, cudaStream_t stream) {
-  static const int blocks_per_sm_wave = 4 * sm_count();
   const int64_t needed = (p.rows * p.classes + 255) / 256;
-  const int blocks = static_cast<int>(needed < blocks_per_sm_wave ? needed : blocks_per_sm_wave);
-  auto launch = [&](auto tag) {
-    using T = decltype(tag);
-    scale_kernel<T><<<blocks, 256, 0, stream>>>(p);
-  };
-  switch (p.dtype) {
-    case DType::Float32: launch(float{}); break;
-    case DType::Float64: launch(double{}); break;
-    case DType::Float16: launch(__half{}); break;
-    case DType::BFloat16: launch(__nv_bfloat16{}); break;
-  }
+  const int64_t wave = 4 * static_cast<int64_t>(sm_count());
+  const unsigned blocks = grid_of(needed < wave ? needed : wave);
+  by_dtype(p.dtype, [&](auto tag) {
+    scale_kernel<decltype(tag)><<<blocks, 256, 0, stream>>>(p);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -17,7 +17,8 @@ void backward_cuda(const CEParams& p) { cuda::backward(p, current_stream()); }
 void scale_rows_cuda(const CEParams& p) { cuda::scale_rows(p, current_stream()); }
 
 // Invalid class indices are not checked on the host: that would need a sync.
-constexpr Kernels kCuda{forward_cuda, backward_cuda, scale_rows_cuda, nullptr, nullptr};
+constexpr Kernels kCuda{forward_cuda, backward_cuda, scale_rows_cuda, cuda::forward_workspace,
+                        nullptr};
 using CudaOps = BackendOps<&kCuda, c10::cuda::CUDAGuard>;
 
 }  // namespace
