@@ -168,7 +168,7 @@ def main():
     parser.add_argument("--out", default=None, help="CSV path (default: bench/results/<device>-<date>.csv)")
     args = parser.parse_args()
     device = args.device
-    reps = args.reps or (20 if device == "cuda" else 5)
+    reps = args.reps or (20 if device == "cuda" else 7)
     name, date = device_name(device), datetime.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")[:40]

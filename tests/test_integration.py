@@ -54,6 +54,24 @@ def test_compile_fullgraph_dynamic(device):
 
 
 @device_param()
+def test_compile_fullgraph_inplace(device):
+    torch._dynamo.reset()
+
+    def loss_fn(x, y):
+        return fce.cross_entropy(x * 1, y, label_smoothing=0.1, inplace_backward=True)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    x = random_logits((8, 33), torch.float32, device)
+    y = random_targets(33, (8,), device)
+    x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, got = loss_fn(x_eager, y), compiled(x_comp, y)
+    expected.backward()
+    got.backward()
+    assert_close(got, expected, torch.float32)
+    assert_close(x_comp.grad, x_eager.grad, torch.float32)
+
+
+@device_param()
 def test_inplace_overwrites_logits_and_allocates_no_grad_buffer(device):
     w_in = torch.randn(16, 50, device=device, requires_grad=True)
     feats = torch.randn(12, 16, device=device)

@@ -371,6 +371,19 @@ int64_t element_size(DType dtype) {
   return dtype == DType::Float64 ? 8 : dtype == DType::Float32 ? 4 : 2;
 }
 
+// The backward's output is a fresh N x C buffer; on Linux, first-touch page
+// faults on 4 KiB pages cost more than the kernel itself, so ask for huge
+// pages (a hint: ignored where transparent huge pages are off).
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < int64_t(8 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
 template <typename F32, typename BF16, typename F16, typename F64>
 void by_dtype(DType dtype, F32 f32, BF16 bf16, F16 f16, F64 f64) {
   switch (dtype) {
@@ -405,19 +418,6 @@ void forward(const CEParams& p, bool write_grad) {
         p.dtype, [&] { forward_f32(p, b, e, write_grad); }, [&] { forward_bf16(p, b, e, write_grad); },
         [&] { forward_f16(p, b, e, write_grad); }, [&] { forward_f64(p, b, e, write_grad); });
   });
-}
-
-// The backward's output is a fresh N x C buffer; on Linux, first-touch page
-// faults on 4 KiB pages cost more than the kernel itself, so ask for huge
-// pages (a hint: ignored where transparent huge pages are off).
-void advise_huge_pages(void* data, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < int64_t(8 * kHuge)) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
 }
 
 void backward(const CEParams& p) {
