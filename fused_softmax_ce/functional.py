@@ -140,7 +140,9 @@ def cross_entropy(
         out_dtype = input.dtype
         loss_shape = tuple(target.shape)
         t = target.reshape(-1).long()
-        denominator = _mean_denominator(t, weight, ignore_index, n_classes, acc_dtype(input.dtype))
+        denominator = None
+        if reduction == "mean":  # only the mean needs sum(w_y) over rows not ignored
+            denominator = _mean_denominator(t, weight, ignore_index, n_classes, acc_dtype(input.dtype))
 
     acc = acc_dtype(input.dtype)
     if inplace_backward and torch.is_grad_enabled() and input.requires_grad:
