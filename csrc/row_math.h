@@ -26,6 +26,16 @@ namespace fsce {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// The accumulation type of a storage type: float, or double for double.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
 // Which a_j terms a row needs: none, smoothing over class weights, or a
 // probability target.
 enum Mode : int { kPlain = 0, kSmooth = 1, kProb = 2 };

@@ -24,15 +24,6 @@
 namespace fsce::cpu {
 namespace {
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 // lse = m + log_s, kept as two parts so that z - lse loses no precision.
 template <typename acc_t>
 struct Stats {

@@ -22,15 +22,6 @@ namespace {
 
 enum Phase : int { kForward = 0, kForwardInplace = 1, kBackward = 2 };
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
@@ -363,14 +354,23 @@ __global__ void __launch_bounds__(256) spatial_kernel(const CEParams p) {
 // grid fills the GPU whatever N is.
 constexpr int kSplitThreads = 256;
 
+// The row of this block and a walker over its chunk of columns.
+template <typename T>
+__device__ __forceinline__ GroupWalker<T, kSplitThreads> chunk_walker(const CEParams& p, int splits,
+                                                                     int64_t chunk, int64_t& r) {
+  r = blockIdx.x / splits;
+  const int64_t begin = (blockIdx.x % splits) * chunk;
+  const int64_t end = begin + chunk < p.classes ? begin + chunk : p.classes;
+  return {static_cast<int>(threadIdx.x), begin, end};
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kSplitThreads) split_stats_kernel(const CEParams p, int splits,
                                                                    int64_t chunk) {
   using acc_t = typename AccOf<T>::type;
-  const int64_t r = blockIdx.x / splits, s = blockIdx.x % splits;
-  const int64_t begin = s * chunk, end = begin + chunk < p.classes ? begin + chunk : p.classes;
+  int64_t r;
+  const GroupWalker<T, kSplitThreads> walk = chunk_walker<T>(p, splits, chunk, r);
   const RowContext<T> row(p, r, true);
-  GroupWalker<T, kSplitThreads> walk{static_cast<int>(threadIdx.x), begin, end};
   const Partial<acc_t> part = walk.reduce(row_partial(row, walk, row.pivot()));
   if (threadIdx.x == 0) static_cast<Partial<acc_t>*>(p.workspace)[blockIdx.x] = part;
 }
@@ -394,10 +394,9 @@ template <typename T>
 __global__ void __launch_bounds__(kSplitThreads) split_grad_kernel(const CEParams p, int splits,
                                                                   int64_t chunk) {
   using acc_t = typename AccOf<T>::type;
-  const int64_t r = blockIdx.x / splits, s = blockIdx.x % splits;
-  const int64_t begin = s * chunk, end = begin + chunk < p.classes ? begin + chunk : p.classes;
+  int64_t r;
+  const GroupWalker<T, kSplitThreads> walk = chunk_walker<T>(p, splits, chunk, r);
   const RowContext<T> row(p, r, true);
-  GroupWalker<T, kSplitThreads> walk{static_cast<int>(threadIdx.x), begin, end};
   acc_t hi = 0, lo = 0, scale = 0;
   if (!row.skip) {
     split_lse(static_cast<const double*>(p.lse)[r], hi, lo);
