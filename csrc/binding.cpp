@@ -114,12 +114,23 @@ void check_rows_tensor(const at::Tensor& t, int64_t rows, at::ScalarType dtype,
               " must be 1-D with one entry per row (", rows, "), got shape ", t.sizes());
 }
 
-void attach_workspace(const Kernels& k, Prepared& pr, at::Tensor& holder) {
+// The forward's common tail: target check, per-row outputs (loss in the
+// accumulation type, lse in float64), scratch, launch.
+std::tuple<at::Tensor, at::Tensor> launch_forward(const Kernels& k, Prepared& pr, bool write_grad) {
+  if (k.check_targets && pr.p.target_index) k.check_targets(pr.p);
+  const auto opts = pr.logits.options().dtype(acc_type(pr.logits));
+  at::Tensor loss = at::empty({pr.p.rows}, opts);
+  at::Tensor lse = at::empty({pr.p.rows}, opts.dtype(at::kDouble));
+  pr.p.loss = loss.data_ptr();
+  pr.p.lse = lse.data_ptr();
   const int64_t bytes = k.forward_workspace ? k.forward_workspace(pr.p) : 0;
+  at::Tensor workspace;
   if (bytes > 0) {
-    holder = at::empty({bytes}, pr.logits.options().dtype(at::kByte));
-    pr.p.workspace = holder.data_ptr();
+    workspace = at::empty({bytes}, pr.logits.options().dtype(at::kByte));
+    pr.p.workspace = workspace.data_ptr();
   }
+  if (pr.p.rows > 0) k.forward(pr.p, write_grad);
+  return {loss, lse};
 }
 
 }  // namespace
@@ -129,16 +140,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Kernels& k, const at::Tenso
                                                const std::optional<at::Tensor>& weight,
                                                int64_t ignore_index, double label_smoothing) {
   Prepared pr = prepare(logits, target, weight, ignore_index, label_smoothing);
-  if (k.check_targets && pr.p.target_index) k.check_targets(pr.p);
-  const auto opts = logits.options().dtype(acc_type(logits));
-  at::Tensor loss = at::empty({pr.p.rows}, opts);
-  at::Tensor lse = at::empty({pr.p.rows}, opts.dtype(at::kDouble));
-  pr.p.loss = loss.data_ptr();
-  pr.p.lse = lse.data_ptr();
-  at::Tensor workspace;
-  attach_workspace(k, pr, workspace);
-  if (pr.p.rows > 0) k.forward(pr.p, /*write_grad=*/false);
-  return {loss, lse};
+  return launch_forward(k, pr, /*write_grad=*/false);
 }
 
 at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -174,20 +176,11 @@ at::Tensor run_forward_inplace(const Kernels& k, const at::Tensor& logits,
               "fused_softmax_ce: grad_scale must be one ", acc_type(logits), " element on ",
               logits.device(), ", got ", grad_scale.scalar_type(), " of shape ",
               grad_scale.sizes(), " on ", grad_scale.device());
-  if (k.check_targets && pr.p.target_index) k.check_targets(pr.p);
-  const auto opts = logits.options().dtype(acc_type(logits));
-  at::Tensor loss = at::empty({pr.p.rows}, opts);
-  at::Tensor lse = at::empty({pr.p.rows}, opts.dtype(at::kDouble));
   const at::Tensor scale = grad_scale.contiguous();
-  pr.p.loss = loss.data_ptr();
-  pr.p.lse = lse.data_ptr();
   pr.p.grad = logits.data_ptr();
   pr.p.grad_outer_stride = logits.stride(0);
   pr.p.grad_scale = scale.data_ptr();
-  at::Tensor workspace;
-  attach_workspace(k, pr, workspace);
-  if (pr.p.rows > 0) k.forward(pr.p, /*write_grad=*/true);
-  return loss;
+  return std::get<0>(launch_forward(k, pr, /*write_grad=*/true));
 }
 
 void run_scale_grad(const Kernels& k, const at::Tensor& grad, const at::Tensor& grad_output) {

@@ -121,6 +121,14 @@ FSCE_HD acc_t weight_total(const CEParams& p) {
   return p.weight_sum ? *static_cast<const acc_t*>(p.weight_sum) : static_cast<acc_t>(p.classes);
 }
 
+// The saved float64 lse as two accumulation-type parts, so that
+// (z - hi) - lo keeps z - lse exact for large logits.
+template <typename acc_t>
+FSCE_HD void split_lse(double lse, acc_t& hi, acc_t& lo) {
+  hi = static_cast<acc_t>(lse);
+  lo = static_cast<acc_t>(lse - static_cast<double>(hi));
+}
+
 template <typename acc_t>
 FSCE_HD acc_t finite_or_zero(acc_t v) {
   return (v - v == 0) ? v : acc_t(0);  // false for inf and nan

@@ -325,9 +325,8 @@ FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end) {
     const acc_t sum_a =
         mode == kProb ? row_sum_coef<T, acc_t>(row, w, C, eps) : (mode == kSmooth ? W : acc_t(0));
     const acc_t A = tgt.coef_y + tgt.k * sum_a;
-    // lse is float64 so that (z - hi) - lo keeps z - lse exact for large logits.
-    const acc_t lse_hi = static_cast<acc_t>(lse[r]);
-    const acc_t lse_lo = static_cast<acc_t>(lse[r] - static_cast<double>(lse_hi));
+    acc_t lse_hi, lse_lo;
+    split_lse(lse[r], lse_hi, lse_lo);
     row_grad<T, acc_t>(row, row.g, w, C, mode, eps, lse_hi, lse_lo, g * A, g * tgt.k,
                        g * tgt.coef_y, tgt.y);
   }

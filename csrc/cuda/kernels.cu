@@ -293,11 +293,18 @@ __device__ __forceinline__ void write_grad(const RowContext<T>& row, const Walke
   });
 }
 
-// The saved float64 lse split into two accumulation-type parts.
-template <typename acc_t>
-__device__ __forceinline__ void split_lse(double lse, acc_t& hi, acc_t& lo) {
-  hi = static_cast<acc_t>(lse);
-  lo = static_cast<acc_t>(lse - static_cast<double>(hi));
+// What the backward reads back for row r: the saved lse (as hi + lo) and
+// the upstream gradient; zeros for a row that is skipped.
+template <typename T>
+__device__ __forceinline__ void load_saved(const CEParams& p, int64_t r, const RowContext<T>& row,
+                                           typename AccOf<T>::type& hi,
+                                           typename AccOf<T>::type& lo,
+                                           typename AccOf<T>::type& scale) {
+  using acc_t = typename AccOf<T>::type;
+  hi = lo = scale = 0;
+  if (row.skip) return;
+  split_lse(static_cast<const double*>(p.lse)[r], hi, lo);
+  scale = static_cast<const acc_t*>(p.grad_rows)[r * p.grad_rows_stride];
 }
 
 // Everything one row does in one phase, with one walker covering the row.
@@ -315,11 +322,8 @@ __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool a
                  *static_cast<const acc_t*>(p.grad_scale), row_sum_a(p, row, part.sa));
     }
   } else {
-    acc_t hi = 0, lo = 0, scale = 0, sa = 0;
-    if (!row.skip) {
-      split_lse(static_cast<const double*>(p.lse)[r], hi, lo);
-      scale = static_cast<const acc_t*>(p.grad_rows)[r * p.grad_rows_stride];
-    }
+    acc_t hi, lo, scale, sa = 0;
+    load_saved(p, r, row, hi, lo, scale);
     if (row.mode == kProb) {
       Partial<acc_t> part{0, 0, 0, 0};
       if (!row.skip) walk.each(row.z, [&](int64_t j, acc_t) { part.sa += row.coef(j); });
@@ -397,11 +401,8 @@ __global__ void __launch_bounds__(kSplitThreads) split_grad_kernel(const CEParam
   int64_t r;
   const GroupWalker<T, kSplitThreads> walk = chunk_walker<T>(p, splits, chunk, r);
   const RowContext<T> row(p, r, true);
-  acc_t hi = 0, lo = 0, scale = 0;
-  if (!row.skip) {
-    split_lse(static_cast<const double*>(p.lse)[r], hi, lo);
-    scale = static_cast<const acc_t*>(p.grad_rows)[r * p.grad_rows_stride];
-  }
+  acc_t hi, lo, scale;
+  load_saved(p, r, row, hi, lo, scale);
   write_grad(row, walk, hi, lo, scale, row_sum_a(p, row, acc_t(0)));
 }
 
