@@ -1,6 +1,7 @@
 #include "binding.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 namespace fsce {
@@ -87,15 +88,17 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
     TORCH_CHECK(w.dim() == 1 && w.numel() == p.classes,
                 "weight tensor should be defined either for all ", p.classes,
                 " classes or no classes but got weight tensor of shape: ", w.sizes());
-    TORCH_CHECK(w.scalar_type() == logits.scalar_type(), "expected scalar type ",
-                logits.scalar_type(), " but found ", w.scalar_type(), " (weight)");
+    TORCH_CHECK(at::isFloatingType(w.scalar_type()), "fused_softmax_ce: weight must be floating point, got ",
+                w.scalar_type());
     TORCH_CHECK(w.device() == logits.device(), "fused_softmax_ce: weight is on ", w.device(),
                 " but logits are on ", logits.device());
-    pr.weight = w.contiguous();
+    // Kernels read weights in the accumulation type: C values, converted once,
+    // which also serves fp32 weights with half logits (autocast).
+    pr.weight = w.to(acc_type(logits)).contiguous();
     p.weight = pr.weight.data_ptr();
     if (label_smoothing > 0.0 && p.target_index != nullptr) {
       // Computed on the device: no host sync.
-      pr.weight_sum = pr.weight.sum(acc_type(logits));
+      pr.weight_sum = pr.weight.sum();
       p.weight_sum = pr.weight_sum.data_ptr();
     }
   }
@@ -143,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Kernels& k, const at::Tenso
   return launch_forward(k, pr, /*write_grad=*/false);
 }
 
-at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_loss, const at::Tensor& logits,
+at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_loss,
+                        const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
                         const at::Tensor& target, const std::optional<at::Tensor>& weight,
                         const at::Tensor& lse, int64_t ignore_index, double label_smoothing) {
   Prepared pr = prepare(logits, target, weight, ignore_index, label_smoothing);
@@ -151,6 +155,12 @@ at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_loss, const at:
   check_rows_tensor(lse, pr.p.rows, at::kDouble, logits, "lse");
   if (k.check_targets && pr.p.target_index) k.check_targets(pr.p);
   const at::Tensor lse_c = lse.contiguous();
+  at::Tensor grad_lse_c;
+  if (grad_lse.has_value()) {
+    check_rows_tensor(*grad_lse, pr.p.rows, grad_lse->scalar_type(), logits, "grad_lse");
+    grad_lse_c = grad_lse->to(acc_type(logits)).contiguous();
+    pr.p.grad_lse = grad_lse_c.data_ptr();
+  }
   at::Tensor grad = at::empty(pr.logits.sizes(), pr.logits.options().memory_format(
                                                      at::MemoryFormat::Contiguous));
   pr.p.lse = const_cast<void*>(lse_c.data_ptr());
@@ -170,6 +180,7 @@ at::Tensor run_forward_inplace(const Kernels& k, const at::Tensor& logits,
               "fused_softmax_ce: inplace_backward writes the gradient into the logits, so their "
               "class (and spatial) dimensions must be contiguous; got shape ",
               logits.sizes(), " with strides ", logits.strides());
+  at::assert_no_internal_overlap(logits);
   Prepared pr = prepare(logits, target, weight, ignore_index, label_smoothing);
   TORCH_CHECK(grad_scale.numel() == 1 && grad_scale.scalar_type() == acc_type(logits) &&
                   grad_scale.device() == logits.device(),
@@ -188,6 +199,7 @@ void run_scale_grad(const Kernels& k, const at::Tensor& grad, const at::Tensor& 
               "fused_softmax_ce: grad must be 2-D or 3-D with contiguous class dimension, got "
               "shape ",
               grad.sizes(), " with strides ", grad.strides());
+  at::assert_no_internal_overlap(grad);
   CEParams p{};
   p.dtype = dtype_of(grad);
   p.outer = grad.size(0);

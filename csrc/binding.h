@@ -28,7 +28,8 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Kernels& k, const at::Tenso
                                                const std::optional<at::Tensor>& weight,
                                                int64_t ignore_index, double label_smoothing);
 
-at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_loss, const at::Tensor& logits,
+at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_loss,
+                        const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
                         const at::Tensor& target, const std::optional<at::Tensor>& weight,
                         const at::Tensor& lse, int64_t ignore_index, double label_smoothing);
 
@@ -51,12 +52,13 @@ struct BackendOps {
     return run_forward(*K, logits, target, weight, ignore_index, label_smoothing);
   }
 
-  static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+  static at::Tensor backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                             const at::Tensor& logits,
                              const at::Tensor& target, const std::optional<at::Tensor>& weight,
                              const at::Tensor& lse, int64_t ignore_index,
                              double label_smoothing) {
     Guard guard(logits.device());
-    return run_backward(*K, grad_loss, logits, target, weight, lse, ignore_index,
+    return run_backward(*K, grad_loss, grad_lse, logits, target, weight, lse, ignore_index,
                         label_smoothing);
   }
 

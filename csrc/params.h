@@ -26,7 +26,7 @@ struct CEParams {
   const void* target_prob;
   int64_t target_outer_stride;
 
-  const void* weight;      // [C] of dtype, or nullptr
+  const void* weight;      // [C] in the accumulation type (float, or double), or nullptr
   const void* weight_sum;  // device scalar (acc type): sum of weight; nullptr means C
   int64_t ignore_index;
   double label_smoothing;
@@ -45,6 +45,9 @@ struct CEParams {
   // stride (0 when one scalar is broadcast over all rows).
   const void* grad_rows;
   int64_t grad_rows_stride;
+  // Backward: per-row upstream gradient of the lse output (acc type,
+  // contiguous), or nullptr. It adds grad_lse[r] * p_j to the gradient.
+  const void* grad_lse;
 
   // In-place forward: one device scalar that multiplies the gradient (1/the
   // mean's denominator, or 1), in the accumulation type.

@@ -103,14 +103,13 @@ FSCE_HD RowOffsets row_offsets(const CEParams& p, int64_t r) {
   return {n * p.logits_outer_stride + s, n * p.target_outer_stride + s, n * p.grad_outer_stride + s};
 }
 
-// Reads row r's target; weight_of(y) is asked for w_y only when y is a valid
-// index (each backend converts its own half types).
-template <typename acc_t, typename WeightOf>
-FSCE_HD RowTarget<acc_t> row_target(const CEParams& p, int64_t r, WeightOf weight_of) {
+// Reads row r's target (class weights are in acc_t, see CEParams::weight).
+template <typename acc_t>
+FSCE_HD RowTarget<acc_t> row_target(const CEParams& p, int64_t r) {
   if (p.target_index == nullptr) return prob_row_target<acc_t>();
   const int64_t y = p.target_index[r];
   const bool in_range = y >= 0 && y < p.classes;
-  const acc_t w_y = (p.weight && in_range) ? weight_of(y) : acc_t(1);
+  const acc_t w_y = (p.weight && in_range) ? static_cast<const acc_t*>(p.weight)[y] : acc_t(1);
   return index_row_target<acc_t>(y, p.classes, p.ignore_index, w_y,
                                  static_cast<acc_t>(p.label_smoothing));
 }

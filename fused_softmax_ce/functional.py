@@ -4,61 +4,10 @@ import math
 import torch
 from torch.nn import _reduction as _Reduction
 
-from ._ops import acc_dtype, ops
-
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _check_index_target(input, target):
-    """PyTorch's nll_loss checks, with its messages and exception types."""
-    if input.dim() == 1:
-        if target.numel() != 1 or target.dim() > 1:
-            raise ValueError(
-                f"Expected input batch_size (1) to match target batch_size ({target.numel()})."
-            )
-    elif target.dim() == 0 or input.shape[0] != target.shape[0]:
-        got = target.shape[0] if target.dim() > 0 else 0
-        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({got}).")
-    elif tuple(target.shape) != (input.shape[0],) + tuple(input.shape[2:]):
-        expected = [input.shape[0]] + list(input.shape[2:])
-        raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
-    if target.dtype not in (torch.long, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
-
-
-def _dtype_name(dtype):
-    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-            torch.bfloat16: "BFloat16", torch.int32: "Int", torch.int16: "Short",
-            torch.int8: "Char", torch.bool: "Bool", torch.long: "Long"}.get(dtype, str(dtype))
-
-
-def _check_common(input, weight, label_smoothing):
-    if input.dim() == 0:
-        raise ValueError("Expected 1 or more dimensions (got 0)")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise NotImplementedError(
-            f"cross_entropy: input dtype {input.dtype} is not supported; expected one of "
-            "float32, float64, float16, bfloat16"
-        )
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if weight is not None:
-        n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-        if weight.dim() != 1 or weight.numel() != n_classes:
-            raise RuntimeError(
-                f"weight tensor should be defined either for all {n_classes} classes or no "
-                f"classes but got weight tensor of shape: {list(weight.shape)}"
-            )
-        if weight.dtype != input.dtype:
-            raise RuntimeError(
-                f"expected scalar type {_dtype_name(input.dtype)} but found "
-                f"{_dtype_name(weight.dtype)} (weight)"
-            )
-        if weight.device != input.device:
-            raise RuntimeError(
-                f"Expected all tensors to be on the same device, but weight is on "
-                f"{weight.device} and input is on {input.device}"
-            )
+from ._checks import check_common, check_index_target, check_index_weight_dtype, check_inplace, dtype_name
+from ._derivatives import acc_dtype
+from ._inplace import inplace_cross_entropy
+from ._ops import cross_entropy_rows
 
 
 def _mean_denominator(target_rows, weight, ignore_index, n_classes, dtype):
@@ -69,27 +18,6 @@ def _mean_denominator(target_rows, weight, ignore_index, n_classes, dtype):
     safe = target_rows.clamp(0, max(n_classes - 1, 0))
     w_y = weight.to(dtype).index_select(0, safe)
     return torch.where(valid, w_y, torch.zeros((), dtype=dtype, device=w_y.device)).sum()
-
-
-class _InplaceCrossEntropy(torch.autograd.Function):
-    """The forward writes the gradient into the logits; the backward only scales it."""
-
-    @staticmethod
-    def forward(ctx, logits, target, weight, grad_scale, ignore_index, label_smoothing, reduction):
-        loss = ops.ce_forward_inplace(logits, target, weight, grad_scale, ignore_index, label_smoothing)
-        # Custom C++ ops do not bump the version counter; doing it here makes
-        # autograd raise if anything saved the logits for its own backward.
-        torch.autograd.graph.increment_version(logits)
-        ctx.save_for_backward(logits)
-        if reduction == "none":
-            return loss
-        return loss.sum() * grad_scale if reduction == "mean" else loss.sum()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        ops.scale_grad_(grad, grad_output.contiguous())
-        return grad, None, None, None, None, None, None
 
 
 def cross_entropy(
@@ -114,49 +42,93 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     _Reduction.get_enum(reduction)  # ValueError on an unknown reduction, as PyTorch
-    _check_common(input, weight, label_smoothing)
+    check_common(input, weight, label_smoothing)
+    # PyTorch runs cross_entropy in float32 under autocast. The kernels read
+    # half-precision logits directly and accumulate in float32, so only the
+    # result's dtype changes: no float32 copy of the logits is made.
+    autocast = torch.is_autocast_enabled(input.device.type)
 
     batched = input.dim() > 1
     x = input if batched else input.unsqueeze(0)
     n, n_classes = x.shape[0], x.shape[1]
     spatial = tuple(x.shape[2:])
-    x3 = x if x.dim() == 2 else x.reshape(n, n_classes, math.prod(spatial))
+    x3 = _rows_layout(x)
 
-    if target.shape == input.shape:
+    prob = target.shape == input.shape
+    if prob:
         if not target.is_floating_point():
             raise RuntimeError(
                 f"Expected floating point type for target with class probabilities, got "
-                f"{_dtype_name(target.dtype)}"
+                f"{dtype_name(target.dtype)}"
             )
         if ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
-        out_dtype = torch.result_type(input, target)
+        out_dtype = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
         t = target if batched else target.unsqueeze(0)
-        t = t.to(input.dtype).reshape(x3.shape)
+        t = _rows_layout(t).to(input.dtype).reshape(x3.shape)
         loss_shape = (n,) + spatial if batched else ()
         denominator = n * math.prod(spatial)  # the mean of probability targets is over rows
     else:
-        _check_index_target(input, target)
+        check_index_target(input, target)
+        if weight is not None:
+            check_index_weight_dtype(input, weight, autocast)
         out_dtype = input.dtype
         loss_shape = tuple(target.shape)
         t = target.reshape(-1).long()
         denominator = None
         if reduction == "mean":  # only the mean needs sum(w_y) over rows not ignored
             denominator = _mean_denominator(t, weight, ignore_index, n_classes, acc_dtype(input.dtype))
+    if autocast and out_dtype != torch.float64:
+        out_dtype = torch.float32
 
-    acc = acc_dtype(input.dtype)
-    if inplace_backward and torch.is_grad_enabled() and input.requires_grad:
-        scale = torch.ones((), dtype=acc, device=input.device)
+    if n_classes == 0 and prob:
+        # -sum over no classes: PyTorch's zeros, and nothing for a kernel to do.
+        loss = x3.sum(1).reshape(-1).to(acc_dtype(input.dtype))
+    elif inplace_backward and torch.is_grad_enabled() and input.requires_grad:
+        check_inplace(input)
+        scale = torch.ones((), dtype=acc_dtype(input.dtype), device=input.device)
         if reduction == "mean":
             # 1/denominator is folded into the gradient in fp32 before rounding.
             scale = scale / denominator
-        out = _InplaceCrossEntropy.apply(x3, t, weight, scale, ignore_index, label_smoothing, reduction)
-        return (out.reshape(loss_shape) if reduction == "none" else out).to(out_dtype)
-
-    loss, _ = ops.ce_forward(x3, t, weight, ignore_index, label_smoothing)
+        out = inplace_cross_entropy(x3, t, weight, scale, ignore_index, label_smoothing, reduction)
+        return (out.reshape(loss_shape) if reduction == "none" else _nan_if_empty(out, denominator)).to(out_dtype)
+    else:
+        loss, _ = cross_entropy_rows(x3, t, weight, ignore_index, label_smoothing)
     if reduction == "none":
         return loss.reshape(loss_shape).to(out_dtype)
     total = loss.sum()
     if reduction == "sum":
         return total.to(out_dtype)
-    return (total / denominator).to(out_dtype)
+    return _nan_if_empty(total / denominator, denominator).to(out_dtype)
+
+
+def _nan_if_empty(mean, denominator):
+    """PyTorch's mean over no weight (all rows ignored or weighted 0) is nan,
+    also when label smoothing makes the sum non-zero."""
+    if not torch.is_tensor(denominator):
+        return mean
+    return torch.where(denominator == 0, torch.full_like(mean, math.nan), mean)
+
+
+def _rows_layout(x):
+    """(N, C, d1..dk) as the 2-D (N, C) or 3-D (N, C, S) view the ops take.
+
+    When the class dimension already has stride 1 (a (B, T, V) output
+    transposed to (B, V, T), say) and the other dimensions flatten without a
+    copy, the rows are contiguous: view them as (N * S, C) rows, which take
+    the fast row kernels, instead of copying into the (N, C, S) layout.
+    """
+    if x.dim() == 2:
+        return x
+    n, n_classes = x.shape[0], x.shape[1]
+    if x.stride(1) == 1 and n_classes > 1 and _flattens(x.movedim(1, -1)):
+        return x.movedim(1, -1).reshape(-1, n_classes)
+    return x.reshape(n, n_classes, math.prod(x.shape[2:]))
+
+
+def _flattens(x):
+    """True when all dimensions but the last merge into one without a copy."""
+    dims = [(size, stride) for size, stride in zip(x.shape[:-1], x.stride()[:-1]) if size != 1]
+    return all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1))

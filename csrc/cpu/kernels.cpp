@@ -50,12 +50,6 @@ FSCE_VINLINE Row<T> row_at(const CEParams& p, int64_t r) {
   return row;
 }
 
-template <typename T, typename acc_t>
-FSCE_VINLINE RowTarget<acc_t> target_of(const CEParams& p, int64_t r) {
-  const T* w = static_cast<const T*>(p.weight);
-  return row_target<acc_t>(p, r, [w](int64_t y) { return static_cast<acc_t>(w[y]); });
-}
-
 template <typename T>
 FSCE_VINLINE int row_mode(const Row<T>& row, const RowTarget<typename AccOf<T>::type>& tgt) {
   return row.t ? kProb : (tgt.k != 0 ? kSmooth : kPlain);
@@ -64,15 +58,15 @@ FSCE_VINLINE int row_mode(const Row<T>& row, const RowTarget<typename AccOf<T>::
 // ---------------------------------------------------------------- scalar path
 
 template <typename T, typename acc_t>
-FSCE_VINLINE acc_t coef_scalar(const Row<T>& row, const T* w, int64_t j, int mode, acc_t eps,
+FSCE_VINLINE acc_t coef_scalar(const Row<T>& row, const acc_t* w, int64_t j, int mode, acc_t eps,
                                acc_t inv_c) {
-  const acc_t wj = w ? static_cast<acc_t>(w[j]) : acc_t(1);
+  const acc_t wj = w ? w[j] : acc_t(1);
   if (mode != kProb) return wj;
   return prob_coef<acc_t>(static_cast<acc_t>(row.t[j * row.step]), wj, eps, inv_c);
 }
 
 template <typename T, typename acc_t>
-FSCE_VINLINE Stats<acc_t> stats_scalar(const Row<T>& row, const T* w, int64_t C, int mode,
+FSCE_VINLINE Stats<acc_t> stats_scalar(const Row<T>& row, const acc_t* w, int64_t C, int mode,
                                        acc_t eps, acc_t pivot) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < C; ++j) {
@@ -95,7 +89,7 @@ FSCE_VINLINE Stats<acc_t> stats_scalar(const Row<T>& row, const T* w, int64_t C,
 }
 
 template <typename T, typename acc_t>
-FSCE_VINLINE acc_t sum_coef_scalar(const Row<T>& row, const T* w, int64_t C, acc_t eps) {
+FSCE_VINLINE acc_t sum_coef_scalar(const Row<T>& row, const acc_t* w, int64_t C, acc_t eps) {
   const acc_t inv_c = acc_t(1) / C;
   acc_t sa = 0;
   for (int64_t j = 0; j < C; ++j) sa += coef_scalar(row, w, j, kProb, eps, inv_c);
@@ -103,7 +97,7 @@ FSCE_VINLINE acc_t sum_coef_scalar(const Row<T>& row, const T* w, int64_t C, acc
 }
 
 template <typename T, typename acc_t>
-FSCE_VINLINE void grad_scalar(const Row<T>& row, T* out, const T* w, int64_t C, int mode,
+FSCE_VINLINE void grad_scalar(const Row<T>& row, T* out, const acc_t* w, int64_t C, int mode,
                               acc_t eps, acc_t lse_hi, acc_t lse_lo, acc_t gA, acc_t gk, acc_t gy,
                               int64_t y) {
   const acc_t inv_c = acc_t(1) / C;
@@ -122,7 +116,7 @@ FSCE_VINLINE vint lane_ids() { return vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
 
 // a_j for 16 classes starting at j; lanes at or past `count` are 0.
 template <typename T, int MODE>
-FSCE_VINLINE vfloat coef_vec(const T* t, const T* w, int64_t j, int count, float eps, float inv_c) {
+FSCE_VINLINE vfloat coef_vec(const T* t, const float* w, int64_t j, int count, float eps, float inv_c) {
   const bool full = count == kLanes;
   vfloat a = w ? (full ? load16(w + j) : load_partial(w + j, count, 0.f)) : splat(1.f);
   if constexpr (MODE == kProb) {
@@ -148,7 +142,7 @@ FSCE_VINLINE void absorb(vfloat& m, vfloat& s, const vfloat (&x)[NV]) {
 }
 
 template <typename T, int MODE, int NV>
-FSCE_VINLINE void absorb_chunk(const T* z, const T* t, const T* w, int64_t j, float eps,
+FSCE_VINLINE void absorb_chunk(const T* z, const T* t, const float* w, int64_t j, float eps,
                                float inv_c, float pivot, vfloat& m, vfloat& s, vfloat& sa,
                                vfloat& saz) {
   vfloat x[NV];
@@ -164,7 +158,7 @@ FSCE_VINLINE void absorb_chunk(const T* z, const T* t, const T* w, int64_t j, fl
 }
 
 template <typename T, int MODE>
-FSCE_VINLINE Stats<float> stats_vec(const T* z, const T* t, const T* w, int64_t C, float eps,
+FSCE_VINLINE Stats<float> stats_vec(const T* z, const T* t, const float* w, int64_t C, float eps,
                                     float pivot) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const float inv_c = 1.f / C;
@@ -193,7 +187,7 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, const T* t, const T* w, int64_t 
 }
 
 template <typename T>
-FSCE_VINLINE float sum_coef_vec(const T* t, const T* w, int64_t C, float eps) {
+FSCE_VINLINE float sum_coef_vec(const T* t, const float* w, int64_t C, float eps) {
   const float inv_c = 1.f / C;
   vfloat sa{};
   for (int64_t j = 0; j < C; j += kLanes)
@@ -203,7 +197,7 @@ FSCE_VINLINE float sum_coef_vec(const T* t, const T* w, int64_t C, float eps) {
 }
 
 template <typename T, int MODE>
-FSCE_VINLINE void grad_vec(const T* z, const T* t, const T* w, T* out, int64_t C, float eps,
+FSCE_VINLINE void grad_vec(const T* z, const T* t, const float* w, T* out, int64_t C, float eps,
                            float lse_hi, float lse_lo, float gA, float gk, float gy, int64_t y) {
   const float inv_c = 1.f / C;
   for (int64_t j = 0; j < C; j += kLanes) {
@@ -225,7 +219,7 @@ FSCE_VINLINE void grad_vec(const T* z, const T* t, const T* w, T* out, int64_t C
 // ------------------------------------------------------------ row dispatch
 
 template <typename T, typename acc_t>
-FSCE_VINLINE Stats<acc_t> row_stats(const Row<T>& row, const T* w, int64_t C, int mode, acc_t eps,
+FSCE_VINLINE Stats<acc_t> row_stats(const Row<T>& row, const acc_t* w, int64_t C, int mode, acc_t eps,
                                     acc_t pivot) {
   if constexpr (!std::is_same_v<T, double>) {
     if (row.step == 1) {
@@ -238,7 +232,7 @@ FSCE_VINLINE Stats<acc_t> row_stats(const Row<T>& row, const T* w, int64_t C, in
 }
 
 template <typename T, typename acc_t>
-FSCE_VINLINE acc_t row_sum_coef(const Row<T>& row, const T* w, int64_t C, acc_t eps) {
+FSCE_VINLINE acc_t row_sum_coef(const Row<T>& row, const acc_t* w, int64_t C, acc_t eps) {
   if constexpr (!std::is_same_v<T, double>) {
     if (row.step == 1) return sum_coef_vec<T>(row.t, w, C, eps);
   }
@@ -246,7 +240,7 @@ FSCE_VINLINE acc_t row_sum_coef(const Row<T>& row, const T* w, int64_t C, acc_t 
 }
 
 template <typename T, typename acc_t>
-FSCE_VINLINE void row_grad(const Row<T>& row, T* out, const T* w, int64_t C, int mode, acc_t eps,
+FSCE_VINLINE void row_grad(const Row<T>& row, T* out, const acc_t* w, int64_t C, int mode, acc_t eps,
                            acc_t lse_hi, acc_t lse_lo, acc_t gA, acc_t gk, acc_t gy, int64_t y) {
   if constexpr (!std::is_same_v<T, double>) {
     if (row.step == 1) {
@@ -272,7 +266,7 @@ template <typename T>
 FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bool write_grad) {
   using acc_t = typename AccOf<T>::type;
   const int64_t C = p.classes;
-  const T* w = static_cast<const T*>(p.weight);
+  const acc_t* w = static_cast<const acc_t*>(p.weight);
   const acc_t eps = static_cast<acc_t>(p.label_smoothing);
   const acc_t scale = write_grad ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(0);
   const acc_t W = weight_total<acc_t>(p);
@@ -280,7 +274,7 @@ FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bo
   auto* lse_out = static_cast<double*>(p.lse);
   for (int64_t r = begin; r < end; ++r) {
     const Row<T> row = row_at<T>(p, r);
-    const RowTarget<acc_t> tgt = target_of<T, acc_t>(p, r);
+    const RowTarget<acc_t> tgt = row_target<acc_t>(p, r);
     if (tgt.ignored || tgt.invalid) {
       // An invalid index poisons its row rather than reading out of bounds.
       const acc_t fill = tgt.ignored ? acc_t(0) : quiet_nan<acc_t>();
@@ -308,26 +302,28 @@ template <typename T>
 FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<T>::type;
   const int64_t C = p.classes;
-  const T* w = static_cast<const T*>(p.weight);
+  const acc_t* w = static_cast<const acc_t*>(p.weight);
   const acc_t eps = static_cast<acc_t>(p.label_smoothing);
   const acc_t W = weight_total<acc_t>(p);
   const auto* lse = static_cast<const double*>(p.lse);
   const auto* grad_rows = static_cast<const acc_t*>(p.grad_rows);
+  const auto* grad_lse = static_cast<const acc_t*>(p.grad_lse);
   for (int64_t r = begin; r < end; ++r) {
     const Row<T> row = row_at<T>(p, r);
-    const RowTarget<acc_t> tgt = target_of<T, acc_t>(p, r);
+    const RowTarget<acc_t> tgt = row_target<acc_t>(p, r);
     if (tgt.ignored || tgt.invalid) {
       fill_row(row.g, C, row.step, tgt.ignored ? acc_t(0) : quiet_nan<acc_t>());
       continue;
     }
     const int mode = row_mode(row, tgt);
     const acc_t g = grad_rows[r * p.grad_rows_stride];
+    const acc_t h = grad_lse ? grad_lse[r] : acc_t(0);
     const acc_t sum_a =
         mode == kProb ? row_sum_coef<T, acc_t>(row, w, C, eps) : (mode == kSmooth ? W : acc_t(0));
     const acc_t A = tgt.coef_y + tgt.k * sum_a;
     acc_t lse_hi, lse_lo;
     split_lse(lse[r], lse_hi, lse_lo);
-    row_grad<T, acc_t>(row, row.g, w, C, mode, eps, lse_hi, lse_lo, g * A, g * tgt.k,
+    row_grad<T, acc_t>(row, row.g, w, C, mode, eps, lse_hi, lse_lo, g * A + h, g * tgt.k,
                        g * tgt.coef_y, tgt.y);
   }
 }

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../launch_plan.h"
 #include "../row_math.h"
 #include "kernels.h"
 
@@ -89,6 +90,9 @@ template <typename T, int G>
 struct GroupWalker {
   using acc_t = typename AccOf<T>::type;
   static constexpr int kVec = 16 / sizeof(T);
+  // Groups of up to a warp reduce through shuffles only (larger ones pass a
+  // __syncthreads in reduce()).
+  static constexpr bool kSyncsWarp = G <= 32;
   int lane;
   int64_t begin, end;  // the columns this group covers
 
@@ -165,6 +169,7 @@ struct GroupWalker {
 template <typename T>
 struct StridedWalker {
   using acc_t = typename AccOf<T>::type;
+  static constexpr bool kSyncsWarp = false;  // one thread per row
   int64_t C, step;
 
   __device__ __forceinline__ bool leader() const { return true; }
@@ -190,7 +195,7 @@ struct RowContext {
   RowTarget<acc_t> tgt;
   const T* z;
   const T* t;
-  const T* w;
+  const acc_t* w;  // class weights in the accumulation type
   T* g_out;
   int64_t step;
   acc_t eps, inv_c;
@@ -199,9 +204,8 @@ struct RowContext {
 
   __device__ __forceinline__ RowContext(const CEParams& p, int64_t r, bool is_active) {
     const int64_t row = is_active ? r : 0;
-    w = static_cast<const T*>(p.weight);
-    const T* wp = w;
-    tgt = row_target<acc_t>(p, row, [wp](int64_t y) { return to_acc(wp[y]); });
+    w = static_cast<const acc_t*>(p.weight);
+    tgt = row_target<acc_t>(p, row);
     const RowOffsets off = row_offsets(p, row);
     z = static_cast<const T*>(p.logits) + off.logits;
     t = p.target_prob ? static_cast<const T*>(p.target_prob) + off.target : nullptr;
@@ -215,7 +219,7 @@ struct RowContext {
   }
 
   __device__ __forceinline__ acc_t coef(int64_t j) const {
-    const acc_t wj = w ? to_acc(w[j]) : acc_t(1);
+    const acc_t wj = w ? w[j] : acc_t(1);
     return mode == kProb ? prob_coef<acc_t>(to_acc(t[j * step]), wj, eps, inv_c) : wj;
   }
 
@@ -267,13 +271,14 @@ __device__ __forceinline__ void write_loss(const CEParams& p, int64_t r, const R
                                             : static_cast<double>(part.m) + static_cast<double>(log_s);
 }
 
-// grad = scale * (A p - k a - [j == y] coef_y) over the walker's columns,
-// with lse = hi + lo.
+// grad = (scale * A + lse_grad) p - scale * (k a + [j == y] coef_y) over the
+// walker's columns, with lse = hi + lo.
 template <typename T, typename Walker>
 __device__ __forceinline__ void write_grad(const RowContext<T>& row, const Walker& walk,
                                            typename AccOf<T>::type hi, typename AccOf<T>::type lo,
                                            typename AccOf<T>::type scale,
-                                           typename AccOf<T>::type sum_a) {
+                                           typename AccOf<T>::type sum_a,
+                                           typename AccOf<T>::type lse_grad) {
   using acc_t = typename AccOf<T>::type;
   if (!row.active) return;
   if (row.skip) {
@@ -281,7 +286,7 @@ __device__ __forceinline__ void write_grad(const RowContext<T>& row, const Walke
     walk.transform(row.z, row.g_out, [&](int64_t, acc_t) { return fill; });
     return;
   }
-  const acc_t gA = scale * (row.tgt.coef_y + row.tgt.k * sum_a);
+  const acc_t gA = scale * (row.tgt.coef_y + row.tgt.k * sum_a) + lse_grad;
   const acc_t gk = scale * row.tgt.k;
   const acc_t gy = scale * row.tgt.coef_y;
   const int64_t y = row.tgt.y;
@@ -294,17 +299,19 @@ __device__ __forceinline__ void write_grad(const RowContext<T>& row, const Walke
 }
 
 // What the backward reads back for row r: the saved lse (as hi + lo) and
-// the upstream gradient; zeros for a row that is skipped.
+// the upstream gradients of the loss and the lse; zeros for a row that is skipped.
 template <typename T>
 __device__ __forceinline__ void load_saved(const CEParams& p, int64_t r, const RowContext<T>& row,
                                            typename AccOf<T>::type& hi,
                                            typename AccOf<T>::type& lo,
-                                           typename AccOf<T>::type& scale) {
+                                           typename AccOf<T>::type& scale,
+                                           typename AccOf<T>::type& lse_grad) {
   using acc_t = typename AccOf<T>::type;
-  hi = lo = scale = 0;
+  hi = lo = scale = lse_grad = 0;
   if (row.skip) return;
   split_lse(static_cast<const double*>(p.lse)[r], hi, lo);
   scale = static_cast<const acc_t*>(p.grad_rows)[r * p.grad_rows_stride];
+  if (p.grad_lse) lse_grad = static_cast<const acc_t*>(p.grad_lse)[r];
 }
 
 // Everything one row does in one phase, with one walker covering the row.
@@ -318,18 +325,21 @@ __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool a
     const Partial<acc_t> part = walk.reduce(row_partial(row, walk, pivot));
     if (active && walk.leader()) write_loss(p, r, row, part, pivot, z_y);
     if constexpr (PHASE == kForwardInplace) {
+      // The pivot and z_y reads above must land before this group's writes
+      // to the same row; a warp's shuffles alone do not order memory.
+      if constexpr (Walker::kSyncsWarp) __syncwarp();
       write_grad(row, walk, part.m, static_cast<acc_t>(log(part.s)),
-                 *static_cast<const acc_t*>(p.grad_scale), row_sum_a(p, row, part.sa));
+                 *static_cast<const acc_t*>(p.grad_scale), row_sum_a(p, row, part.sa), acc_t(0));
     }
   } else {
-    acc_t hi, lo, scale, sa = 0;
-    load_saved(p, r, row, hi, lo, scale);
+    acc_t hi, lo, scale, lse_grad, sa = 0;
+    load_saved(p, r, row, hi, lo, scale, lse_grad);
     if (row.mode == kProb) {
       Partial<acc_t> part{0, 0, 0, 0};
       if (!row.skip) walk.each(row.z, [&](int64_t j, acc_t) { part.sa += row.coef(j); });
       sa = walk.reduce(part).sa;
     }
-    write_grad(row, walk, hi, lo, scale, row_sum_a(p, row, sa));
+    write_grad(row, walk, hi, lo, scale, row_sum_a(p, row, sa), lse_grad);
   }
 }
 
@@ -401,9 +411,9 @@ __global__ void __launch_bounds__(kSplitThreads) split_grad_kernel(const CEParam
   int64_t r;
   const GroupWalker<T, kSplitThreads> walk = chunk_walker<T>(p, splits, chunk, r);
   const RowContext<T> row(p, r, true);
-  acc_t hi, lo, scale;
-  load_saved(p, r, row, hi, lo, scale);
-  write_grad(row, walk, hi, lo, scale, row_sum_a(p, row, acc_t(0)));
+  acc_t hi, lo, scale, lse_grad;
+  load_saved(p, r, row, hi, lo, scale, lse_grad);
+  write_grad(row, walk, hi, lo, scale, row_sum_a(p, row, acc_t(0)), lse_grad);
 }
 
 template <typename T>
@@ -434,34 +444,12 @@ int sm_count() {
   return count;
 }
 
-// How a contiguous-row launch is cut: `splits` blocks per row of `chunk`
-// columns, or splits == 1 for the group-per-row kernels.
-struct Split {
-  int splits;
-  int64_t chunk;
-};
-
-constexpr int64_t kMinChunk = 4096;
-
-// The forward splits rows when there are too few of them to give every SM
-// two blocks; only class-index rows (probability rows keep the row kernel).
 Split forward_split(const CEParams& p) {
-  const int64_t want_blocks = 2 * static_cast<int64_t>(sm_count());
-  if (p.inner != 1 || p.target_prob || p.classes < 4 * kMinChunk || p.rows >= want_blocks)
-    return {1, p.classes};
-  int64_t splits = (want_blocks + p.rows - 1) / p.rows;
-  const int64_t max_splits = p.classes / kMinChunk;
-  splits = splits < max_splits ? splits : max_splits;
-  const int64_t chunk = (p.classes + splits - 1) / splits;
-  return {static_cast<int>((p.classes + chunk - 1) / chunk), chunk};
+  return fsce::forward_split(p.rows, p.classes, p.inner, p.target_prob != nullptr, sm_count());
 }
 
-// The backward of class-index rows needs no reduction: cut every large row
-// into chunks so that any N fills the GPU.
 Split backward_split(const CEParams& p) {
-  if (p.inner != 1 || p.target_prob || p.classes <= 2 * kMinChunk) return {1, p.classes};
-  const int64_t chunk = 4 * kMinChunk;
-  return {static_cast<int>((p.classes + chunk - 1) / chunk), chunk};
+  return fsce::backward_split(p.inner, p.classes, p.target_prob != nullptr);
 }
 
 unsigned grid_of(int64_t blocks) { return static_cast<unsigned>(blocks); }
