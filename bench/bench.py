@@ -5,6 +5,7 @@ prints a table, and draws a PNG from the CSV (bench/plot.py).
 
     python bench/bench.py            # quick default on this device
     python bench/bench.py --full     # the whole sweep
+    python bench/bench.py --autocast # bf16 logits under torch.autocast: ours vs torch
 """
 import argparse
 import csv
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_softmax_ce as fce
+from memory import PeakMemory
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 COLUMNS = ["device_name", "torch_version", "date", "dtype", "n_rows", "n_classes", "provider",
@@ -51,38 +53,6 @@ def shapes(device, full):
     return quick + [(8192, 50257)] if full else quick
 
 
-class PeakMemory:
-    """Peak memory of one measured call: CUDA's allocator, or the process's RSS high-water mark."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            self.base = self._rss("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        else:
-            self.mb = (self._rss("VmHWM") - self.base) / 2**20
-
-    @staticmethod
-    def _rss(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-        return 0
-
-
 def timed(device, fn):
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -94,6 +64,21 @@ def timed(device, fn):
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
+
+
+def autocast_providers(device):
+    """Under autocast PyTorch copies the logits to float32 first; we read them as they are."""
+    compiled = torch.compile(F.cross_entropy, dynamic=False)
+
+    def amp(fn):
+        def run(x, y):
+            with torch.autocast(device, dtype=x.dtype):
+                return fn(x, y)
+        return run
+
+    return {"fused_amp": amp(fce.cross_entropy), "fused_inplace_amp": amp(
+        lambda x, y: fce.cross_entropy(x, y, inplace_backward=True)), "torch_amp": amp(F.cross_entropy),
+        "torch_compile_amp": amp(compiled)}
 
 
 def providers(device):
@@ -164,6 +149,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="the whole sweep of shapes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--autocast", action="store_true",
+                        help="bf16 logits under torch.autocast (writes <csv>-autocast.csv)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per row")
     parser.add_argument("--out", default=None, help="CSV path (default: bench/results/<device>-<date>.csv)")
     args = parser.parse_args()
@@ -172,10 +159,12 @@ def main():
     name, date = device_name(device), datetime.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")[:40]
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"{device}-{slug}-{date}.csv"
+    suffix = ("-full" if args.full else "") + ("-autocast" if args.autocast else "")
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"{device}-{slug}-{date}{suffix}.csv"
 
-    impls = providers(device)
-    plan = [(n, c, dt) for n, c in shapes(device, args.full) for dt in DTYPES]
+    impls = autocast_providers(device) if args.autocast else providers(device)
+    dtypes = ["bf16"] if args.autocast else list(DTYPES)
+    plan = [(n, c, dt) for n, c in shapes(device, args.full) for dt in dtypes]
     total = len(plan) * len(impls) * len(MODES)
     rows, done = [], 0
     print(f"{name}, torch {torch.__version__}, {total} measurements", file=sys.stderr)

@@ -75,10 +75,10 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
     TORCH_CHECK(target.sizes() == logits.sizes(),
                 "fused_softmax_ce: probability target must have the logits' shape ",
                 logits.sizes(), ", got ", target.sizes());
-    TORCH_CHECK(target.scalar_type() == logits.scalar_type(),
-                "fused_softmax_ce: probability target dtype ", target.scalar_type(),
-                " must match the logits dtype ", logits.scalar_type());
-    pr.target = in_block_layout(target);
+    // The logits' dtype or the accumulation type, read as is; any other is
+    // converted to the accumulation type, so no precision is lost.
+    p.target_prob_acc = target.scalar_type() != logits.scalar_type();
+    pr.target = in_block_layout(p.target_prob_acc ? target.to(acc_type(logits)) : target);
     p.target_prob = pr.target.data_ptr();
     p.target_outer_stride = pr.target.stride(0);
   }

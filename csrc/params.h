@@ -25,6 +25,9 @@ struct CEParams {
   const int64_t* target_index;
   const void* target_prob;
   int64_t target_outer_stride;
+  // Probabilities in the accumulation type rather than the logits' dtype:
+  // float32 targets with half logits (autocast's case) are read as they are.
+  bool target_prob_acc;
 
   const void* weight;      // [C] in the accumulation type (float, or double), or nullptr
   const void* weight_sum;  // device scalar (acc type): sum of weight; nullptr means C

@@ -52,7 +52,8 @@ def cross_entropy(
     x = input if batched else input.unsqueeze(0)
     n, n_classes = x.shape[0], x.shape[1]
     spatial = tuple(x.shape[2:])
-    x3 = _rows_layout(x)
+    rows_view = _is_rows_view(x)
+    x3 = _layout(x, rows_view)
 
     prob = target.shape == input.shape
     if prob:
@@ -67,7 +68,7 @@ def cross_entropy(
         if weight is not None:
             out_dtype = torch.promote_types(out_dtype, weight.dtype)
         t = target if batched else target.unsqueeze(0)
-        t = _rows_layout(t).to(input.dtype).reshape(x3.shape)
+        t = _layout(t, rows_view)
         loss_shape = (n,) + spatial if batched else ()
         denominator = n * math.prod(spatial)  # the mean of probability targets is over rows
     else:
@@ -112,23 +113,22 @@ def _nan_if_empty(mean, denominator):
     return torch.where(denominator == 0, torch.full_like(mean, math.nan), mean)
 
 
-def _rows_layout(x):
-    """(N, C, d1..dk) as the 2-D (N, C) or 3-D (N, C, S) view the ops take.
+def _is_rows_view(x):
+    """True for (N, C, d1..dk) whose class dimension has stride 1 and whose
+    other dimensions flatten without a copy, such as a (B, T, V) output
+    transposed to (B, V, T): its rows are contiguous, so they take the row
+    kernels as (N * S, C) instead of being copied into (N, C, S)."""
+    if x.dim() == 2 or x.shape[1] <= 1 or x.stride(1) != 1:
+        return False
+    rest = [(size, stride) for k, (size, stride) in enumerate(zip(x.shape, x.stride())) if k != 1 and size != 1]
+    return all(rest[i][1] == rest[i + 1][1] * rest[i + 1][0] for i in range(len(rest) - 1))
 
-    When the class dimension already has stride 1 (a (B, T, V) output
-    transposed to (B, V, T), say) and the other dimensions flatten without a
-    copy, the rows are contiguous: view them as (N * S, C) rows, which take
-    the fast row kernels, instead of copying into the (N, C, S) layout.
-    """
+
+def _layout(x, rows_view):
+    """x (N, C, d1..dk) as the 2-D (N, C) or 3-D (N, C, S) tensor the ops take."""
     if x.dim() == 2:
         return x
-    n, n_classes = x.shape[0], x.shape[1]
-    if x.stride(1) == 1 and n_classes > 1 and _flattens(x.movedim(1, -1)):
+    n_classes = x.shape[1]
+    if rows_view:
         return x.movedim(1, -1).reshape(-1, n_classes)
-    return x.reshape(n, n_classes, math.prod(x.shape[2:]))
-
-
-def _flattens(x):
-    """True when all dimensions but the last merge into one without a copy."""
-    dims = [(size, stride) for size, stride in zip(x.shape[:-1], x.stride()[:-1]) if size != 1]
-    return all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1))
+    return x.reshape(x.shape[0], n_classes, math.prod(x.shape[2:]))

@@ -30,11 +30,27 @@ struct Stats {
   acc_t m, log_s, sum_a, sum_az;
 };
 
+// A row's probability target, stored in the logits' dtype or, when the
+// caller's dtype differed, in the accumulation type (see CEParams).
+template <typename T>
+struct Probs {
+  using acc_t = typename AccOf<T>::type;
+  const T* own;
+  const acc_t* acc;
+
+  explicit operator bool() const { return own || acc; }
+  FSCE_VINLINE acc_t at(int64_t i) const { return acc ? acc[i] : static_cast<acc_t>(own[i]); }
+  FSCE_VINLINE vfloat vec(int64_t j, int count) const {
+    if (count == kLanes) return acc ? load16(acc + j) : load16(own + j);
+    return acc ? load_partial(acc + j, count, 0.f) : load_partial(own + j, count, 0.f);
+  }
+};
+
 // One row, resolved from the params: element j of the row is at [j * step].
 template <typename T>
 struct Row {
   const T* z;
-  const T* t;  // probability target or nullptr
+  Probs<T> t;  // probability target, or empty
   T* g;        // gradient destination or nullptr
   int64_t step;
 };
@@ -44,7 +60,12 @@ FSCE_VINLINE Row<T> row_at(const CEParams& p, int64_t r) {
   const RowOffsets off = row_offsets(p, r);
   Row<T> row;
   row.z = static_cast<const T*>(p.logits) + off.logits;
-  row.t = p.target_prob ? static_cast<const T*>(p.target_prob) + off.target : nullptr;
+  using acc_t = typename AccOf<T>::type;
+  row.t = {nullptr, nullptr};
+  if (p.target_prob && p.target_prob_acc)
+    row.t.acc = static_cast<const acc_t*>(p.target_prob) + off.target;
+  else if (p.target_prob)
+    row.t.own = static_cast<const T*>(p.target_prob) + off.target;
   row.g = p.grad ? static_cast<T*>(p.grad) + off.grad : nullptr;
   row.step = p.inner;
   return row;
@@ -62,7 +83,7 @@ FSCE_VINLINE acc_t coef_scalar(const Row<T>& row, const acc_t* w, int64_t j, int
                                acc_t inv_c) {
   const acc_t wj = w ? w[j] : acc_t(1);
   if (mode != kProb) return wj;
-  return prob_coef<acc_t>(static_cast<acc_t>(row.t[j * row.step]), wj, eps, inv_c);
+  return prob_coef<acc_t>(row.t.at(j * row.step), wj, eps, inv_c);
 }
 
 template <typename T, typename acc_t>
@@ -116,11 +137,11 @@ FSCE_VINLINE vint lane_ids() { return vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
 
 // a_j for 16 classes starting at j; lanes at or past `count` are 0.
 template <typename T, int MODE>
-FSCE_VINLINE vfloat coef_vec(const T* t, const float* w, int64_t j, int count, float eps, float inv_c) {
+FSCE_VINLINE vfloat coef_vec(Probs<T> t, const float* w, int64_t j, int count, float eps, float inv_c) {
   const bool full = count == kLanes;
   vfloat a = w ? (full ? load16(w + j) : load_partial(w + j, count, 0.f)) : splat(1.f);
   if constexpr (MODE == kProb) {
-    const vfloat tj = full ? load16(t + j) : load_partial(t + j, count, 0.f);
+    const vfloat tj = t.vec(j, count);
     a = a * ((1.f - eps) * tj + eps * inv_c);
   }
   return full ? a : (lane_ids() < count ? a : vfloat{});
@@ -142,7 +163,7 @@ FSCE_VINLINE void absorb(vfloat& m, vfloat& s, const vfloat (&x)[NV]) {
 }
 
 template <typename T, int MODE, int NV>
-FSCE_VINLINE void absorb_chunk(const T* z, const T* t, const float* w, int64_t j, float eps,
+FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const float* w, int64_t j, float eps,
                                float inv_c, float pivot, vfloat& m, vfloat& s, vfloat& sa,
                                vfloat& saz) {
   vfloat x[NV];
@@ -158,7 +179,7 @@ FSCE_VINLINE void absorb_chunk(const T* z, const T* t, const float* w, int64_t j
 }
 
 template <typename T, int MODE>
-FSCE_VINLINE Stats<float> stats_vec(const T* z, const T* t, const float* w, int64_t C, float eps,
+FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const float* w, int64_t C, float eps,
                                     float pivot) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const float inv_c = 1.f / C;
@@ -187,7 +208,7 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, const T* t, const float* w, int6
 }
 
 template <typename T>
-FSCE_VINLINE float sum_coef_vec(const T* t, const float* w, int64_t C, float eps) {
+FSCE_VINLINE float sum_coef_vec(Probs<T> t, const float* w, int64_t C, float eps) {
   const float inv_c = 1.f / C;
   vfloat sa{};
   for (int64_t j = 0; j < C; j += kLanes)
@@ -197,7 +218,7 @@ FSCE_VINLINE float sum_coef_vec(const T* t, const float* w, int64_t C, float eps
 }
 
 template <typename T, int MODE>
-FSCE_VINLINE void grad_vec(const T* z, const T* t, const float* w, T* out, int64_t C, float eps,
+FSCE_VINLINE void grad_vec(const T* z, Probs<T> t, const float* w, T* out, int64_t C, float eps,
                            float lse_hi, float lse_lo, float gA, float gk, float gy, int64_t y) {
   const float inv_c = 1.f / C;
   for (int64_t j = 0; j < C; j += kLanes) {

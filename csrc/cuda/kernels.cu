@@ -194,7 +194,8 @@ struct RowContext {
   using acc_t = typename AccOf<T>::type;
   RowTarget<acc_t> tgt;
   const T* z;
-  const T* t;
+  const T* t;          // probability target in the logits' dtype, or
+  const acc_t* t_acc;  // in the accumulation type (see CEParams), or neither
   const acc_t* w;  // class weights in the accumulation type
   T* g_out;
   int64_t step;
@@ -208,19 +209,22 @@ struct RowContext {
     tgt = row_target<acc_t>(p, row);
     const RowOffsets off = row_offsets(p, row);
     z = static_cast<const T*>(p.logits) + off.logits;
-    t = p.target_prob ? static_cast<const T*>(p.target_prob) + off.target : nullptr;
+    t = p.target_prob && !p.target_prob_acc ? static_cast<const T*>(p.target_prob) + off.target : nullptr;
+    t_acc = p.target_prob && p.target_prob_acc ? static_cast<const acc_t*>(p.target_prob) + off.target
+                                               : nullptr;
     g_out = p.grad ? static_cast<T*>(p.grad) + off.grad : nullptr;
     step = p.inner;
     eps = static_cast<acc_t>(p.label_smoothing);
     inv_c = acc_t(1) / static_cast<acc_t>(p.classes);
-    mode = t ? kProb : (tgt.k != 0 ? kSmooth : kPlain);
+    mode = p.target_prob ? kProb : (tgt.k != 0 ? kSmooth : kPlain);
     active = is_active;
     skip = !is_active || tgt.ignored || tgt.invalid || p.classes == 0;
   }
 
   __device__ __forceinline__ acc_t coef(int64_t j) const {
     const acc_t wj = w ? w[j] : acc_t(1);
-    return mode == kProb ? prob_coef<acc_t>(to_acc(t[j * step]), wj, eps, inv_c) : wj;
+    if (mode != kProb) return wj;
+    return prob_coef<acc_t>(t_acc ? t_acc[j * step] : to_acc(t[j * step]), wj, eps, inv_c);
   }
 
   // Read before any thread of the row writes (the in-place phase overwrites z).
