@@ -4,6 +4,8 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace fsce {
 namespace {
 
@@ -40,8 +42,8 @@ struct Prepared {
 };
 
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
-                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                 double label_smoothing) {
+                 const std::optional<at::Tensor>& weight, const RowOptions& o) {
+  const double label_smoothing = o.label_smoothing;
   TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3,
               "fused_softmax_ce: logits must be 2-D (N, C) or 3-D (N, C, S), got shape ",
               logits.sizes());
@@ -52,6 +54,17 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
   p.classes = logits.size(1);
   p.inner = logits.dim() == 3 ? logits.size(2) : 1;
   p.rows = p.outer * p.inner;
+  p.class_offset = o.class_offset;
+  p.total_classes = o.total_classes < 0 ? p.classes : o.total_classes;
+  TORCH_CHECK(p.class_offset >= 0 && p.class_offset + p.classes <= p.total_classes,
+              "fused_softmax_ce: the shard's classes [", p.class_offset, ", ",
+              p.class_offset + p.classes, ") must lie in [0, total_classes = ", p.total_classes, ")");
+  TORCH_CHECK(std::isfinite(o.logit_scale) && o.logit_scale > 0,
+              "fused_softmax_ce: logit_scale must be finite and > 0, got ", o.logit_scale);
+  TORCH_CHECK(std::isfinite(o.softcap) && o.softcap >= 0,
+              "fused_softmax_ce: softcap must be finite and > 0 (0 for none), got ", o.softcap);
+  p.logit_scale = o.logit_scale;
+  p.softcap = o.softcap;
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
   TORCH_CHECK(target.device() == logits.device(), "fused_softmax_ce: target is on ",
@@ -102,7 +115,7 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
       p.weight_sum = pr.weight_sum.data_ptr();
     }
   }
-  p.ignore_index = ignore_index;
+  p.ignore_index = o.ignore_index;
   p.label_smoothing = label_smoothing;
   return pr;
 }
@@ -117,15 +130,29 @@ void check_rows_tensor(const at::Tensor& t, int64_t rows, at::ScalarType dtype,
               " must be 1-D with one entry per row (", rows, "), got shape ", t.sizes());
 }
 
+void check_device_scalar(const at::Tensor& t, const at::Tensor& logits, const char* name) {
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == acc_type(logits) && t.device() == logits.device(),
+              "fused_softmax_ce: ", name, " must be one ", acc_type(logits), " element on ",
+              logits.device(), ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+}
+
 // The forward's common tail: target check, per-row outputs (loss in the
-// accumulation type, lse in float64), scratch, launch.
-std::tuple<at::Tensor, at::Tensor> launch_forward(const Kernels& k, Prepared& pr, bool write_grad) {
+// accumulation type, lse in float64, with stats the argmaxes in int64, else
+// empty), scratch, launch.
+ForwardOutputs forward_tail(const Kernels& k, Prepared& pr, bool stats, bool write_grad) {
   if (k.check_targets && pr.p.target_index) k.check_targets(pr.p);
   const auto opts = pr.logits.options().dtype(acc_type(pr.logits));
   at::Tensor loss = at::empty({pr.p.rows}, opts);
   at::Tensor lse = at::empty({pr.p.rows}, opts.dtype(at::kDouble));
+  at::Tensor pred = at::empty({stats ? pr.p.rows : 0}, opts.dtype(at::kLong));
+  at::Tensor target_pred =
+      at::empty({stats && pr.p.target_prob ? pr.p.rows : 0}, opts.dtype(at::kLong));
   pr.p.loss = loss.data_ptr();
   pr.p.lse = lse.data_ptr();
+  if (stats) {
+    pr.p.pred = pred.data_ptr<int64_t>();
+    if (pr.p.target_prob) pr.p.target_pred = target_pred.data_ptr<int64_t>();
+  }
   const int64_t bytes = k.forward_workspace ? k.forward_workspace(pr.p) : 0;
   at::Tensor workspace;
   if (bytes > 0) {
@@ -133,25 +160,23 @@ std::tuple<at::Tensor, at::Tensor> launch_forward(const Kernels& k, Prepared& pr
     pr.p.workspace = workspace.data_ptr();
   }
   if (pr.p.rows > 0) k.forward(pr.p, write_grad);
-  return {loss, lse};
+  return {loss, lse, pred, target_pred};
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> run_forward(const Kernels& k, const at::Tensor& logits,
-                                               const at::Tensor& target,
-                                               const std::optional<at::Tensor>& weight,
-                                               int64_t ignore_index, double label_smoothing) {
-  Prepared pr = prepare(logits, target, weight, ignore_index, label_smoothing);
-  return launch_forward(k, pr, /*write_grad=*/false);
+ForwardOutputs run_forward(const Kernels& k, const at::Tensor& logits, const at::Tensor& target,
+                           const std::optional<at::Tensor>& weight, const RowOptions& o, bool stats) {
+  Prepared pr = prepare(logits, target, weight, o);
+  return forward_tail(k, pr, stats, /*write_grad=*/false);
 }
 
-at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_loss,
+at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_output,
                         const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
                         const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                        const at::Tensor& lse, int64_t ignore_index, double label_smoothing) {
-  Prepared pr = prepare(logits, target, weight, ignore_index, label_smoothing);
-  check_rows_tensor(grad_loss, pr.p.rows, acc_type(logits), logits, "grad_loss");
+                        const at::Tensor& lse, const RowOptions& o) {
+  Prepared pr = prepare(logits, target, weight, o);
+  check_rows_tensor(grad_output, pr.p.rows, acc_type(logits), logits, "grad_output");
   check_rows_tensor(lse, pr.p.rows, at::kDouble, logits, "lse");
   if (k.check_targets && pr.p.target_index) k.check_targets(pr.p);
   const at::Tensor lse_c = lse.contiguous();
@@ -164,34 +189,38 @@ at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_loss,
   at::Tensor grad = at::empty(pr.logits.sizes(), pr.logits.options().memory_format(
                                                      at::MemoryFormat::Contiguous));
   pr.p.lse = const_cast<void*>(lse_c.data_ptr());
-  pr.p.grad_rows = grad_loss.data_ptr();
-  pr.p.grad_rows_stride = grad_loss.stride(0);
+  pr.p.grad_output = grad_output.data_ptr();
+  pr.p.grad_output_stride = grad_output.stride(0);
   pr.p.grad = grad.data_ptr();
   pr.p.grad_outer_stride = grad.dim() > 0 ? grad.stride(0) : 0;
   if (pr.p.rows > 0 && pr.p.classes > 0) k.backward(pr.p);
   return grad;
 }
 
-at::Tensor run_forward_inplace(const Kernels& k, const at::Tensor& logits,
-                               const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                               const at::Tensor& grad_scale, int64_t ignore_index,
-                               double label_smoothing) {
+ForwardOutputs run_forward_inplace(const Kernels& k, const at::Tensor& logits,
+                                   const at::Tensor& target,
+                                   const std::optional<at::Tensor>& weight,
+                                   const at::Tensor& grad_scale,
+                                   const std::optional<at::Tensor>& lse_grad_scale,
+                                   const RowOptions& o, bool stats) {
   TORCH_CHECK((logits.dim() == 2 || logits.dim() == 3) && blocks_contiguous(logits),
               "fused_softmax_ce: inplace_backward writes the gradient into the logits, so their "
               "class (and spatial) dimensions must be contiguous; got shape ",
               logits.sizes(), " with strides ", logits.strides());
   at::assert_no_internal_overlap(logits);
-  Prepared pr = prepare(logits, target, weight, ignore_index, label_smoothing);
-  TORCH_CHECK(grad_scale.numel() == 1 && grad_scale.scalar_type() == acc_type(logits) &&
-                  grad_scale.device() == logits.device(),
-              "fused_softmax_ce: grad_scale must be one ", acc_type(logits), " element on ",
-              logits.device(), ", got ", grad_scale.scalar_type(), " of shape ",
-              grad_scale.sizes(), " on ", grad_scale.device());
+  Prepared pr = prepare(logits, target, weight, o);
+  check_device_scalar(grad_scale, logits, "grad_scale");
   const at::Tensor scale = grad_scale.contiguous();
+  at::Tensor lse_scale;
+  if (lse_grad_scale.has_value()) {
+    check_device_scalar(*lse_grad_scale, logits, "lse_grad_scale");
+    lse_scale = lse_grad_scale->contiguous();
+    pr.p.lse_grad_scale = lse_scale.data_ptr();
+  }
   pr.p.grad = logits.data_ptr();
   pr.p.grad_outer_stride = logits.stride(0);
   pr.p.grad_scale = scale.data_ptr();
-  return std::get<0>(launch_forward(k, pr, /*write_grad=*/true));
+  return forward_tail(k, pr, stats, /*write_grad=*/true);
 }
 
 void run_scale_grad(const Kernels& k, const at::Tensor& grad, const at::Tensor& grad_output) {
@@ -214,15 +243,15 @@ void run_scale_grad(const Kernels& k, const at::Tensor& grad, const at::Tensor& 
   at::Tensor g;
   if (grad_output.numel() == 1) {
     g = grad_output.reshape({1});
-    p.grad_rows_stride = 0;
+    p.grad_output_stride = 0;
   } else {
     TORCH_CHECK(grad_output.numel() == p.rows,
                 "fused_softmax_ce: grad_output must hold one element or one per row (", p.rows,
                 "), got shape ", grad_output.sizes());
     g = grad_output.reshape({p.rows});
-    p.grad_rows_stride = g.stride(0);
+    p.grad_output_stride = g.stride(0);
   }
-  p.grad_rows = g.data_ptr();
+  p.grad_output = g.data_ptr();
   if (p.rows > 0 && p.classes > 0) k.scale_rows(p);
 }
 

@@ -23,20 +23,30 @@ struct Kernels {
   void (*check_targets)(const CEParams&);
 };
 
-std::tuple<at::Tensor, at::Tensor> run_forward(const Kernels& k, const at::Tensor& logits,
-                                               const at::Tensor& target,
-                                               const std::optional<at::Tensor>& weight,
-                                               int64_t ignore_index, double label_smoothing);
+// The per-row options every op takes (see the schemas in csrc/ops.cpp).
+struct RowOptions {
+  int64_t ignore_index;
+  double label_smoothing, logit_scale, softcap;
+  int64_t class_offset, total_classes;  // total_classes < 0: the logits' class count
+};
 
-at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_loss,
+// loss, lse, pred, target_pred (the last two empty without stats).
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardOutputs run_forward(const Kernels& k, const at::Tensor& logits, const at::Tensor& target,
+                           const std::optional<at::Tensor>& weight, const RowOptions& o, bool stats);
+
+at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_output,
                         const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
                         const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                        const at::Tensor& lse, int64_t ignore_index, double label_smoothing);
+                        const at::Tensor& lse, const RowOptions& o);
 
-at::Tensor run_forward_inplace(const Kernels& k, const at::Tensor& logits,
-                               const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                               const at::Tensor& grad_scale, int64_t ignore_index,
-                               double label_smoothing);
+ForwardOutputs run_forward_inplace(const Kernels& k, const at::Tensor& logits,
+                                   const at::Tensor& target,
+                                   const std::optional<at::Tensor>& weight,
+                                   const at::Tensor& grad_scale,
+                                   const std::optional<at::Tensor>& lse_grad_scale,
+                                   const RowOptions& o, bool stats);
 
 void run_scale_grad(const Kernels& k, const at::Tensor& grad, const at::Tensor& grad_output);
 
@@ -44,31 +54,36 @@ void run_scale_grad(const Kernels& k, const at::Tensor& grad, const at::Tensor& 
 // from the logits' device around every call (CUDA's device guard, or nothing).
 template <const Kernels* K, typename Guard>
 struct BackendOps {
-  static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits,
-                                                    const at::Tensor& target,
-                                                    const std::optional<at::Tensor>& weight,
-                                                    int64_t ignore_index, double label_smoothing) {
+  static ForwardOutputs forward(const at::Tensor& logits, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                double label_smoothing, double logit_scale, double softcap,
+                                bool stats, int64_t class_offset, int64_t total_classes) {
     Guard guard(logits.device());
-    return run_forward(*K, logits, target, weight, ignore_index, label_smoothing);
+    return run_forward(*K, logits, target, weight,
+                       {ignore_index, label_smoothing, logit_scale, softcap, class_offset, total_classes},
+                       stats);
   }
 
-  static at::Tensor backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
-                             const at::Tensor& logits,
-                             const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                             const at::Tensor& lse, int64_t ignore_index,
-                             double label_smoothing) {
+  static at::Tensor backward(const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_lse,
+                             const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                             int64_t ignore_index, double label_smoothing, double logit_scale,
+                             double softcap, int64_t class_offset, int64_t total_classes) {
     Guard guard(logits.device());
-    return run_backward(*K, grad_loss, grad_lse, logits, target, weight, lse, ignore_index,
-                        label_smoothing);
+    return run_backward(*K, grad_output, grad_lse, logits, target, weight, lse,
+                        {ignore_index, label_smoothing, logit_scale, softcap, class_offset, total_classes});
   }
 
-  static at::Tensor forward_inplace(const at::Tensor& logits, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& weight,
-                                    const at::Tensor& grad_scale, int64_t ignore_index,
-                                    double label_smoothing) {
+  static ForwardOutputs forward_inplace(const at::Tensor& logits, const at::Tensor& target,
+                                        const std::optional<at::Tensor>& weight,
+                                        const at::Tensor& grad_scale, int64_t ignore_index,
+                                        double label_smoothing, double logit_scale, double softcap,
+                                        const std::optional<at::Tensor>& lse_grad_scale, bool stats,
+                                        int64_t class_offset, int64_t total_classes) {
     Guard guard(logits.device());
-    return run_forward_inplace(*K, logits, target, weight, grad_scale, ignore_index,
-                               label_smoothing);
+    return run_forward_inplace(
+        *K, logits, target, weight, grad_scale, lse_grad_scale,
+        {ignore_index, label_smoothing, logit_scale, softcap, class_offset, total_classes}, stats);
   }
 
   static void scale_grad(const at::Tensor& grad, const at::Tensor& grad_output) {

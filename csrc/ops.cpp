@@ -27,20 +27,31 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module);
 }
 
+// Every row op takes the same options after its tensors: ignore_index,
+// label_smoothing, logit_scale and softcap (the logit
+// transform, softcap 0 for none), and the vocab-parallel shard
+// (class_offset, total_classes; -1 for the logits' own class count).
+#define FSCE_ROW_OPTIONS                                                    \
+  "int ignore_index, float label_smoothing, float logit_scale=1.0, "     \
+  "float softcap=0.0, "
+#define FSCE_SHARD "int class_offset=0, int total_classes=-1"
+
 TORCH_LIBRARY(fused_softmax_ce, m) {
   // logits (N, C) or (N, C, S); target int64 (N*S,) or probabilities shaped
-  // like logits. Returns the per-row loss (fp32, or fp64 for float64 logits)
-  // and the per-row log-sum-exp in fp64, all the backward keeps of the row.
-  m.def(
-      "ce_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing) -> (Tensor, Tensor)");
-  m.def(
-      "ce_backward(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, Tensor? weight, "
-      "Tensor lse, int ignore_index, float label_smoothing) -> Tensor");
-  // Writes grad_scale * dloss/dlogits into logits and returns the per-row loss.
-  m.def(
-      "ce_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor grad_scale, "
-      "int ignore_index, float label_smoothing) -> Tensor");
+  // like logits. Returns per row the loss (fp32, or fp64 for float64 logits),
+  // the log-sum-exp in fp64 (all the backward keeps of the row), and with
+  // stats the first argmax of the effective logits and of a probability
+  // target (int64, empty without stats).
+  m.def("ce_forward(Tensor logits, Tensor target, Tensor? weight, " FSCE_ROW_OPTIONS
+        "bool stats=False, " FSCE_SHARD ") -> (Tensor, Tensor, Tensor, Tensor)");
+  // dloss/dlogits for upstream gradients of the loss and (optionally) the lse.
+  m.def("ce_backward(Tensor grad_output, Tensor? grad_lse, Tensor logits, Tensor target, "
+        "Tensor? weight, Tensor lse, " FSCE_ROW_OPTIONS FSCE_SHARD ") -> Tensor");
+  // Writes grad_scale * dloss/dlogits (+ lse_grad_scale * lse * softmax, the
+  // z-loss) into logits; returns what ce_forward returns.
+  m.def("ce_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor grad_scale, "
+        FSCE_ROW_OPTIONS "Tensor? lse_grad_scale=None, bool stats=False, " FSCE_SHARD
+        ") -> (Tensor, Tensor, Tensor, Tensor)");
   // grad *= grad_output, per row; free when grad_output is the scalar 1.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
   m.def("_launch_plan(int rows, int classes, int inner, bool prob_target, int sm_count) -> int[]",

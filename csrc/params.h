@@ -34,11 +34,28 @@ struct CEParams {
   int64_t ignore_index;
   double label_smoothing;
 
+  // These classes are [class_offset, class_offset + classes) of total_classes
+  // (a vocab-parallel shard); 0 and `classes` otherwise. Class-index targets
+  // are global, and eps / C uses total_classes.
+  int64_t class_offset;
+  int64_t total_classes;
+
+  // The logit transform (row_math.h): v = logit_scale * z, then
+  // softcap * tanh(v / softcap) when softcap > 0.
+  double logit_scale;
+  double softcap;
+
   // Forward outputs, per row: the loss in the accumulation type (float, or
   // double for float64 logits), and the log-sum-exp in double, so that the
   // backward's z - lse stays exact when logits are large (about 1e4).
   void* loss;
   void* lse;
+
+  // Forward, optional per-row outputs (nullptr when not asked for): the
+  // first argmax of v as a global class index, and for probability targets
+  // the first argmax of the target; -1 for ignored rows.
+  int64_t* pred;
+  int64_t* target_pred;
 
   // Gradient destination (a fresh tensor, or the logits in in-place mode).
   void* grad;
@@ -46,15 +63,18 @@ struct CEParams {
 
   // Backward: per-row upstream gradient in the accumulation type, with a
   // stride (0 when one scalar is broadcast over all rows).
-  const void* grad_rows;
-  int64_t grad_rows_stride;
+  const void* grad_output;
+  int64_t grad_output_stride;
   // Backward: per-row upstream gradient of the lse output (acc type,
   // contiguous), or nullptr. It adds grad_lse[r] * p_j to the gradient.
   const void* grad_lse;
 
   // In-place forward: one device scalar that multiplies the gradient (1/the
-  // mean's denominator, or 1), in the accumulation type.
+  // mean's denominator, or 1), in the accumulation type; and one, or nullptr,
+  // that makes h = lse_grad_scale * lse for each row not ignored (the
+  // z-loss's gradient, 2 * z_loss_scale / its denominator).
   const void* grad_scale;
+  const void* lse_grad_scale;
 
   // Scratch memory for multi-kernel strategies (CUDA split rows), sized by
   // the backend's workspace query; nullptr when none was asked for.

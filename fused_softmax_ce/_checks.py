@@ -78,3 +78,15 @@ def check_inplace(input):
             "(cross_entropy with inplace_backward=True overwrites its input); pass a non-leaf "
             "tensor such as the output of the layer that computes the logits"
         )
+
+
+def check_llm_options(logit_scale, softcap, z_loss_scale):
+    def finite_number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value - value == 0  # not inf, not nan
+
+    if not finite_number(logit_scale) or logit_scale <= 0:
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+    if softcap is not None and (not finite_number(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if not finite_number(z_loss_scale) or z_loss_scale < 0:
+        raise ValueError(f"z_loss_scale must be a finite number >= 0, got {z_loss_scale!r}")

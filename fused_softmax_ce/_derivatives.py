@@ -90,11 +90,20 @@ def logits_grad(terms, g, h):
     return out
 
 
-def target_grad(logits, lse, weight, label_smoothing, g):
-    """dloss/dt_j = -(1 - eps) w_j log p_j g for probability targets."""
-    log_p = logits.double() - lse.double().reshape(row_shape(logits))
+def effective_logits(logits, logit_scale, softcap):
+    """v = logit_scale * z, then softcap * tanh(v / softcap): what the kernels see."""
+    if logit_scale == 1.0 and not softcap:
+        return logits
+    v = logits.double() * logit_scale
+    return softcap * torch.tanh(v / softcap) if softcap else v
+
+
+def target_grad(v, lse, weight, label_smoothing, g):
+    """dloss/dt_j = -(1 - eps) w_j log p_j g for probability targets (v the
+    effective logits)."""
+    log_p = v.double() - lse.double().reshape(row_shape(v))
     if weight is not None:
-        log_p = log_p * weight.double().reshape(class_shape(logits))
+        log_p = log_p * weight.double().reshape(class_shape(v))
     return -(1.0 - label_smoothing) * log_p * g.double()
 
 

@@ -3,6 +3,7 @@ backward only rescales it, so no N x C gradient buffer is ever allocated."""
 import torch
 
 from ._ops import ops
+from ._reduction import reduce_rows, z_loss_rows
 
 
 def _under_functorch(t):
@@ -12,20 +13,38 @@ def _under_functorch(t):
 
 
 class InplaceFn(torch.autograd.Function):
+    """Returns (loss, z_loss, lse, pred, target_pred); only `loss` is differentiable."""
+
     @staticmethod
-    def forward(ctx, logits, target, weight, grad_scale, ignore_index, label_smoothing, reduction):
-        loss = ops.ce_forward_inplace(logits, target, weight, grad_scale, ignore_index, label_smoothing)
+    def forward(ctx, logits, target, weight, grad_scale, lse_grad_scale, options, stats, reduction,
+                denominator, z_loss_scale, valid, z_denominator):
+        loss_rows, lse, pred, target_pred = ops.ce_forward_inplace(
+            logits, target, weight, grad_scale, *options, lse_grad_scale, stats)
         # Custom C++ ops do not bump the version counter; doing it here makes
         # autograd raise if anything saved the logits for its own backward.
         torch.autograd.graph.increment_version(logits)
         ctx.save_for_backward(logits)
         ctx.backward_done = False
-        if reduction == "none":
-            return loss
-        return loss.sum() * grad_scale if reduction == "mean" else loss.sum()
+        ctx.set_materialize_grads(False)
+        loss = reduce_rows(loss_rows, reduction, denominator)
+        if z_loss_scale:
+            z_loss = reduce_rows(z_loss_rows(lse, valid, z_loss_scale, loss_rows.dtype), reduction, z_denominator)
+            loss = loss + z_loss
+        else:
+            z_loss = torch.zeros_like(loss)
+        ctx.mark_non_differentiable(pred, target_pred)
+        return loss, z_loss, lse, pred, target_pred
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, grad_z_loss, grad_lse, *_):
+        # (Dynamo traces this with every gradient materialised, so the check
+        # holds in eager mode only.)
+        if (grad_z_loss is not None or grad_lse is not None) and not torch.compiler.is_compiling():
+            raise RuntimeError(
+                "cross_entropy with inplace_backward=True computes the gradient of `loss` in the "
+                "forward; the z_loss and lse statistics are for logging and not differentiable. "
+                "Use inplace_backward=False to differentiate them"
+            )
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "cross_entropy with inplace_backward=True does not support higher-order gradients "
@@ -42,13 +61,14 @@ class InplaceFn(torch.autograd.Function):
         ctx.backward_done = True
         (grad,) = ctx.saved_tensors
         ops.scale_grad_(grad, grad_output)
-        return grad, None, None, None, None, None, None
+        return (grad,) + (None,) * 11
 
 
-def inplace_cross_entropy(logits, target, weight, grad_scale, ignore_index, label_smoothing, reduction):
-    if _under_functorch(logits):
+def inplace_cross_entropy(*args):
+    """InplaceFn.apply(logits, ...), refused under torch.func transforms."""
+    if _under_functorch(args[0]):
         raise RuntimeError(
             "cross_entropy with inplace_backward=True does not support torch.func transforms "
             "(grad, vmap, jacrev, jvp, ...); use inplace_backward=False"
         )
-    return InplaceFn.apply(logits, target, weight, grad_scale, ignore_index, label_smoothing, reduction)
+    return InplaceFn.apply(*args)

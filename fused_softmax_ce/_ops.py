@@ -21,20 +21,32 @@ def _rows(logits):
     return logits.shape[0] * (logits.shape[2] if logits.dim() == 3 else 1)
 
 
-@torch.library.register_fake("fused_softmax_ce::ce_forward")
-def _ce_forward_fake(logits, target, weight, ignore_index, label_smoothing):
+def _forward_outputs(logits, target, stats):
     rows = _rows(logits)
-    return logits.new_empty(rows, dtype=acc_dtype(logits.dtype)), logits.new_empty(rows, dtype=torch.float64)
+    return (
+        logits.new_empty(rows, dtype=acc_dtype(logits.dtype)),
+        logits.new_empty(rows, dtype=torch.float64),
+        logits.new_empty(rows if stats else 0, dtype=torch.long),
+        logits.new_empty(rows if stats and target.is_floating_point() else 0, dtype=torch.long),
+    )
+
+
+@torch.library.register_fake("fused_softmax_ce::ce_forward")
+def _ce_forward_fake(logits, target, weight, ignore_index, label_smoothing, logit_scale=1.0, softcap=0.0,
+                     stats=False, class_offset=0, total_classes=-1):
+    return _forward_outputs(logits, target, stats)
 
 
 @torch.library.register_fake("fused_softmax_ce::ce_backward")
-def _ce_backward_fake(grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing):
+def _ce_backward_fake(grad_output, grad_lse, logits, target, weight, lse, *options):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("fused_softmax_ce::ce_forward_inplace")
-def _ce_forward_inplace_fake(logits, target, weight, grad_scale, ignore_index, label_smoothing):
-    return logits.new_empty(_rows(logits), dtype=acc_dtype(logits.dtype))
+def _ce_forward_inplace_fake(logits, target, weight, grad_scale, ignore_index, label_smoothing,
+                             logit_scale=1.0, softcap=0.0, lse_grad_scale=None, stats=False,
+                             class_offset=0, total_classes=-1):
+    return _forward_outputs(logits, target, stats)
 
 
 @torch.library.register_fake("fused_softmax_ce::scale_grad_")
@@ -67,101 +79,108 @@ def _loop(op, info, in_dims, args):
 
 
 @torch.library.register_vmap("fused_softmax_ce::ce_forward")
-def _ce_forward_vmap(info, in_dims, logits, target, weight, ignore_index, label_smoothing):
+def _ce_forward_vmap(info, in_dims, logits, target, weight, *options):
     if in_dims[2] is not None:
-        return _loop(lambda x, t, w: ops.ce_forward(x, t, w, ignore_index, label_smoothing),
-                     info, in_dims[:3], (logits, target, weight))
+        return _loop(lambda x, t, w: ops.ce_forward(x, t, w, *options), info, in_dims[:3], (logits, target, weight))
     B = info.batch_size
-    loss, lse = ops.ce_forward(_fold(logits, in_dims[0], B), _fold(target, in_dims[1], B), weight,
-                               ignore_index, label_smoothing)
-    return (_unfold(loss, B), _unfold(lse, B)), (0, 0)
+    outs = ops.ce_forward(_fold(logits, in_dims[0], B), _fold(target, in_dims[1], B), weight, *options)
+    # Empty outputs (the argmaxes without stats) stay empty per sample.
+    return tuple(_unfold(o, B) if o.numel() else o.new_empty(B, 0) for o in outs), (0, 0, 0, 0)
 
 
 @torch.library.register_vmap("fused_softmax_ce::ce_backward")
-def _ce_backward_vmap(info, in_dims, grad_loss, grad_lse, logits, target, weight, lse, ignore_index,
-                      label_smoothing):
-    args = (grad_loss, grad_lse, logits, target, weight, lse)
+def _ce_backward_vmap(info, in_dims, grad_output, grad_lse, logits, target, weight, lse, *options):
+    args = (grad_output, grad_lse, logits, target, weight, lse)
     if in_dims[4] is not None:
-        return _loop(lambda *a: ops.ce_backward(*a, ignore_index, label_smoothing), info, in_dims[:6], args)
+        return _loop(lambda *a: ops.ce_backward(*a, *options), info, in_dims[:6], args)
     B = info.batch_size
     folded = [None if a is None else _fold(a, d, B) for a, d in zip(args, in_dims)]
     folded[4] = weight
-    return _unfold(ops.ce_backward(*folded, ignore_index, label_smoothing), B), 0
+    return _unfold(ops.ce_backward(*folded, *options), B), 0
 
 
 # --------------------------------------------------------------- autograd
 
 def _forward_setup(ctx, inputs, output):
-    logits, target, weight, ignore_index, label_smoothing = inputs
+    logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap, stats, *shard = inputs
     ctx.save_for_backward(logits, target, weight, output[1])
     ctx.save_for_forward(logits, target, weight, output[1])
-    ctx.ignore_index = ignore_index
-    ctx.label_smoothing = label_smoothing
+    # The options ce_backward takes after its tensors.
+    ctx.options = (ignore_index, label_smoothing, logit_scale, softcap, *shard)
+    ctx.num_inputs = len(inputs)
+    ctx.mark_non_differentiable(output[2], output[3])
     ctx.set_materialize_grads(False)
 
 
-def _forward_backward(ctx, grad_loss, grad_lse, backward_op):
+def _forward_backward(ctx, grad_output, grad_lse, backward_op):
     """Gradients of ce_forward's (loss, lse) for the logits and soft targets."""
     logits, target, weight, lse = ctx.saved_tensors
+    none = (None,) * (ctx.num_inputs - 2)
     if ctx.needs_input_grad[2]:
         raise RuntimeError("the derivative for 'weight' is not implemented.")
-    if grad_loss is None and grad_lse is None:
-        return None, None, None, None, None
-    if grad_loss is None:
-        grad_loss = torch.zeros_like(lse, dtype=acc_dtype(logits.dtype))
+    if grad_output is None and grad_lse is None:
+        return (None, None) + none
+    if grad_output is None:
+        grad_output = torch.zeros_like(lse, dtype=acc_dtype(logits.dtype))
     grad_logits = grad_target = None
     if ctx.needs_input_grad[0]:
-        grad_logits = backward_op(grad_loss, grad_lse, logits, target, weight, lse, ctx.ignore_index,
-                                  ctx.label_smoothing)
+        grad_logits = backward_op(grad_output, grad_lse, logits, target, weight, lse, *ctx.options)
     if ctx.needs_input_grad[1]:
-        g = D.rows(grad_loss, logits)
-        grad_target = D.target_grad(logits, lse, weight, ctx.label_smoothing, g).to(target.dtype)
-    return grad_logits, grad_target, None, None, None
+        v = D.effective_logits(logits, *ctx.options[2:4])
+        grad_target = D.target_grad(v, lse, weight, ctx.options[1], D.rows(grad_output, logits))
+        grad_target = grad_target.to(target.dtype)
+    return (grad_logits, grad_target) + none
 
 
 def _backward_setup(ctx, inputs, output):
-    grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing = inputs
-    ctx.save_for_backward(grad_loss, grad_lse, logits, target, weight, lse)
-    ctx.save_for_forward(grad_loss, grad_lse, logits, target, weight, lse)
-    ctx.ignore_index = ignore_index
-    ctx.label_smoothing = label_smoothing
+    grad_output, grad_lse, logits, target, weight, lse, *options = inputs
+    ctx.save_for_backward(grad_output, grad_lse, logits, target, weight, lse)
+    ctx.save_for_forward(grad_output, grad_lse, logits, target, weight, lse)
+    ctx.options = tuple(options)
+    ctx.num_inputs = len(inputs)
     ctx.set_materialize_grads(False)
 
 
 def _saved_terms(ctx):
-    grad_loss, grad_lse, logits, target, weight, lse = ctx.saved_tensors
-    terms = D.row_terms(logits, target, weight, lse, ctx.ignore_index, ctx.label_smoothing)
-    g = D.rows(grad_loss, logits).to(terms.A.dtype)
+    ignore_index, label_smoothing, logit_scale, softcap, *shard = ctx.options
+    if logit_scale != 1.0 or softcap or (shard and shard[0] != 0):
+        raise RuntimeError(
+            "fused_softmax_ce: second-order derivatives (double backward, forward-mode AD of the "
+            "gradient, hessian) are implemented for the plain loss only, not with logit_scale, "
+            f"softcap or a vocab-parallel shard (got logit_scale={logit_scale}, softcap={softcap})"
+        )
+    grad_output, grad_lse, logits, target, weight, lse = ctx.saved_tensors
+    terms = D.row_terms(logits, target, weight, lse, ignore_index, label_smoothing)
+    g = D.rows(grad_output, logits).to(terms.A.dtype)
     h = torch.zeros_like(g) if grad_lse is None else D.rows(grad_lse, logits).to(terms.A.dtype)
-    return grad_loss, grad_lse, logits, target, weight, lse, terms, g, h
+    return grad_output, grad_lse, logits, target, weight, lse, terms, g, h
 
 
 def _backward_backward(ctx, grad_grad):
     """Double backward: the derivatives of ce_backward's output (dloss/dz)."""
+    none = (None,) * (ctx.num_inputs - 6)
     if grad_grad is None:
-        return (None,) * 8
-    grad_loss, grad_lse, logits, target, weight, lse, terms, g, h = _saved_terms(ctx)
+        return (None,) * 6 + none
+    grad_output, grad_lse, logits, target, weight, lse, terms, g, h = _saved_terms(ctx)
     if ctx.needs_input_grad[4]:
         raise RuntimeError("the derivative for 'weight' is not implemented.")
     is_prob = target.is_floating_point()
-    gg, gh, gz, glse, gt = D.backward_vjp(terms, g, h, weight, ctx.label_smoothing, is_prob,
+    gg, gh, gz, glse, gt = D.backward_vjp(terms, g, h, weight, ctx.options[1], is_prob,
                                           grad_grad.to(terms.A.dtype))
     needs = ctx.needs_input_grad
     return (
-        D.flat(gg).to(grad_loss.dtype) if needs[0] else None,
+        D.flat(gg).to(grad_output.dtype) if needs[0] else None,
         D.flat(gh).to(grad_lse.dtype) if needs[1] and grad_lse is not None else None,
         gz.to(logits.dtype) if needs[2] else None,
         gt.to(target.dtype) if needs[3] and is_prob else None,
         None,
         D.flat(glse).to(lse.dtype) if needs[5] else None,
-        None,
-        None,
-    )
+    ) + none
 
 
 torch.library.register_autograd(
     "fused_softmax_ce::ce_forward",
-    lambda ctx, gl, gs: _forward_backward(ctx, gl, gs, ops.ce_backward),
+    lambda ctx, g, g_lse, *_: _forward_backward(ctx, g, g_lse, ops.ce_backward),
     setup_context=_forward_setup,
 )
 torch.library.register_autograd(
@@ -175,14 +194,14 @@ class ForwardFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logits, target, weight, ignore_index, label_smoothing):
-        return ops.ce_forward(logits, target, weight, ignore_index, label_smoothing)
+    def forward(logits, target, weight, *options):
+        return ops.ce_forward(logits, target, weight, *options)
 
     setup_context = staticmethod(_forward_setup)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        return _forward_backward(ctx, grad_loss, grad_lse, BackwardFn.apply)
+    def backward(ctx, grad_output, grad_lse, *_):
+        return _forward_backward(ctx, grad_output, grad_lse, BackwardFn.apply)
 
     @staticmethod
     def jvp(ctx, d_logits, d_target, d_weight, *_):
@@ -193,16 +212,19 @@ class ForwardFn(torch.autograd.Function):
         ones = torch.ones_like(lse, dtype=acc)
         d_loss = torch.zeros_like(lse, dtype=acc)
         d_lse = torch.zeros_like(lse)
-        args = (logits, target, weight, lse, ctx.ignore_index, ctx.label_smoothing)
+        args = (logits, target, weight, lse, *ctx.options)
         if d_logits is not None:
+            # The kernels' own first derivatives: of the loss (g = 1), and of
+            # the lse (h = 1), transform included.
             grad = BackwardFn.apply(ones, None, *args).to(acc)
-            p = BackwardFn.apply(torch.zeros_like(ones), ones, *args).to(acc)
+            dlse = BackwardFn.apply(torch.zeros_like(ones), ones, *args).to(acc)
             d_loss = d_loss + D.flat((grad * d_logits.to(acc)).sum(1, keepdim=True))
-            d_lse = d_lse + D.flat((p * d_logits.to(acc)).sum(1, keepdim=True)).double()
+            d_lse = d_lse + D.flat((dlse * d_logits.to(acc)).sum(1, keepdim=True)).double()
         if d_target is not None and target.is_floating_point():
-            dt = D.target_grad(logits, lse, weight, ctx.label_smoothing, D.rows(ones, logits))
+            v = D.effective_logits(logits, *ctx.options[2:4])
+            dt = D.target_grad(v, lse, weight, ctx.options[1], D.rows(ones, logits))
             d_loss = d_loss + D.flat((dt * d_target.double()).sum(1, keepdim=True)).to(acc)
-        return d_loss, d_lse
+        return d_loss, d_lse, None, None
 
 
 class BackwardFn(torch.autograd.Function):
@@ -211,31 +233,31 @@ class BackwardFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing):
-        return ops.ce_backward(grad_loss, grad_lse, logits, target, weight, lse, ignore_index,
-                               label_smoothing)
+    def forward(grad_output, grad_lse, logits, target, weight, lse, *options):
+        return ops.ce_backward(grad_output, grad_lse, logits, target, weight, lse, *options)
 
     setup_context = staticmethod(_backward_setup)
     backward = staticmethod(_backward_backward)
 
     @staticmethod
-    def jvp(ctx, d_grad_loss, d_grad_lse, d_logits, d_target, d_weight, d_lse, *_):
+    def jvp(ctx, d_grad_output, d_grad_lse, d_logits, d_target, d_weight, d_lse, *_):
         if d_weight is not None:
             raise RuntimeError("the derivative for 'weight' is not implemented.")
-        grad_loss, grad_lse, logits, target, weight, lse, terms, g, h = _saved_terms(ctx)
+        grad_output, grad_lse, logits, target, weight, lse, terms, g, h = _saved_terms(ctx)
 
         def per_row(d):
             return torch.zeros_like(g) if d is None else D.rows(d, logits).to(g.dtype)
 
         dz = torch.zeros_like(terms.p) if d_logits is None else d_logits.to(terms.p.dtype)
         dt = None if d_target is None or not target.is_floating_point() else d_target.to(g.dtype)
-        out = D.backward_jvp(terms, g, h, weight, ctx.label_smoothing, target.is_floating_point(),
-                             per_row(d_grad_loss), per_row(d_grad_lse), dz, per_row(d_lse), dt)
+        out = D.backward_jvp(terms, g, h, weight, ctx.options[1], target.is_floating_point(),
+                             per_row(d_grad_output), per_row(d_grad_lse), dz, per_row(d_lse), dt)
         return out.to(logits.dtype)
 
 
-def cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing):
-    """(loss, lse) per row, differentiable; the op itself under torch.compile."""
+def cross_entropy_rows(logits, target, weight, options, stats):
+    """(loss, lse, pred, target_pred) per row, differentiable; the op itself
+    under torch.compile. options: (ignore_index, label_smoothing, logit_scale, softcap)."""
     if torch.compiler.is_compiling():
-        return ops.ce_forward(logits, target, weight, ignore_index, label_smoothing)
-    return ForwardFn.apply(logits, target, weight, ignore_index, label_smoothing)
+        return ops.ce_forward(logits, target, weight, *options, stats)
+    return ForwardFn.apply(logits, target, weight, *options, stats, 0, -1)

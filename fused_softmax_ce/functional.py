@@ -1,23 +1,32 @@
 """`cross_entropy`: the drop-in for `torch.nn.functional.cross_entropy`."""
 import math
+from typing import NamedTuple
 
 import torch
 from torch.nn import _reduction as _Reduction
 
-from ._checks import check_common, check_index_target, check_index_weight_dtype, check_inplace, dtype_name
+from ._checks import check_common, check_llm_options, check_index_target, check_index_weight_dtype, check_inplace, dtype_name
 from ._derivatives import acc_dtype
 from ._inplace import inplace_cross_entropy
 from ._ops import cross_entropy_rows
+from ._reduction import mean_denominator, reduce_rows, z_loss_rows
 
 
-def _mean_denominator(target_rows, weight, ignore_index, n_classes, dtype):
-    """Sum of w[y] (or the count) over rows that are not ignored, on the device."""
-    valid = target_rows != ignore_index
-    if weight is None:
-        return valid.sum().to(dtype)
-    safe = target_rows.clamp(0, max(n_classes - 1, 0))
-    w_y = weight.to(dtype).index_select(0, safe)
-    return torch.where(valid, w_y, torch.zeros((), dtype=dtype, device=w_y.device)).sum()
+class CrossEntropyStats(NamedTuple):
+    """What `cross_entropy(..., return_stats=True)` returns.
+
+    loss: the loss, z-loss included. z_loss: the reduced z-loss term alone,
+    for logging. lse: the per-row log-sum-exp of the effective logits, float32,
+    shaped like the ``reduction="none"`` loss, differentiable (0 for ignored
+    rows, which are not read). accuracy: the fraction of rows not ignored
+    whose argmax equals the target class (the target's argmax for
+    probability targets), float32, without grad.
+    """
+
+    loss: torch.Tensor
+    z_loss: torch.Tensor
+    lse: torch.Tensor
+    accuracy: torch.Tensor
 
 
 def cross_entropy(
@@ -31,22 +40,35 @@ def cross_entropy(
     label_smoothing=0.0,
     *,
     inplace_backward=False,
+    logit_scale=1.0,
+    softcap=None,
+    z_loss_scale=0.0,
+    return_stats=False,
 ):
     """Same arguments and results as `torch.nn.functional.cross_entropy`.
 
-    With ``inplace_backward=True`` the forward writes the gradient into
-    ``input``'s storage (its values are lost) and the backward only rescales
-    it, so no N x C buffer is allocated. Only in effect when ``input``
-    requires grad and grad mode is on.
+    Keyword-only extras (the defaults change nothing):
+
+    - ``inplace_backward``: the forward writes the gradient into ``input``'s
+      storage (its values are lost) and the backward only rescales it, so no
+      N x C buffer is allocated. Only in effect when ``input`` requires grad
+      and grad mode is on.
+    - ``logit_scale``: the logits are multiplied by it before the softmax.
+    - ``softcap``: the scaled logits u become ``softcap * tanh(u / softcap)``.
+    - ``z_loss_scale``: adds ``z_loss_scale * lse**2`` per row not ignored,
+      unweighted; ``mean`` divides it by the number of such rows.
+    - ``return_stats``: return `CrossEntropyStats(loss, z_loss, lse, accuracy)`.
     """
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     _Reduction.get_enum(reduction)  # ValueError on an unknown reduction, as PyTorch
     check_common(input, weight, label_smoothing)
+    check_llm_options(logit_scale, softcap, z_loss_scale)
     # PyTorch runs cross_entropy in float32 under autocast. The kernels read
     # half-precision logits directly and accumulate in float32, so only the
     # result's dtype changes: no float32 copy of the logits is made.
     autocast = torch.is_autocast_enabled(input.device.type)
+    acc = acc_dtype(input.dtype)
 
     batched = input.dim() > 1
     x = input if batched else input.unsqueeze(0)
@@ -71,6 +93,8 @@ def cross_entropy(
         t = _layout(t, rows_view)
         loss_shape = (n,) + spatial if batched else ()
         denominator = n * math.prod(spatial)  # the mean of probability targets is over rows
+        valid = None
+        count = denominator
     else:
         check_index_target(input, target)
         if weight is not None:
@@ -78,39 +102,56 @@ def cross_entropy(
         out_dtype = input.dtype
         loss_shape = tuple(target.shape)
         t = target.reshape(-1).long()
+        valid = t != ignore_index
         denominator = None
         if reduction == "mean":  # only the mean needs sum(w_y) over rows not ignored
-            denominator = _mean_denominator(t, weight, ignore_index, n_classes, acc_dtype(input.dtype))
+            denominator = mean_denominator(t, weight, ignore_index, n_classes, acc)
+        count = valid.sum().to(acc) if (z_loss_scale or return_stats) else None
     if autocast and out_dtype != torch.float64:
         out_dtype = torch.float32
+    options = (ignore_index, label_smoothing, float(logit_scale), float(softcap or 0.0))
+    z_denominator = count if reduction == "mean" else None
 
     if n_classes == 0 and prob:
         # -sum over no classes: PyTorch's zeros, and nothing for a kernel to do.
-        loss = x3.sum(1).reshape(-1).to(acc_dtype(input.dtype))
+        loss_rows = x3.sum(1).reshape(-1).to(acc)
+        lse = torch.full_like(loss_rows, -math.inf, dtype=torch.float64)
+        pred = target_pred = torch.zeros_like(loss_rows, dtype=torch.long)
+        loss = reduce_rows(loss_rows, reduction, denominator)
+        z_loss = torch.zeros_like(loss)
     elif inplace_backward and torch.is_grad_enabled() and input.requires_grad:
         check_inplace(input)
-        scale = torch.ones((), dtype=acc_dtype(input.dtype), device=input.device)
-        if reduction == "mean":
-            # 1/denominator is folded into the gradient in fp32 before rounding.
-            scale = scale / denominator
-        out = inplace_cross_entropy(x3, t, weight, scale, ignore_index, label_smoothing, reduction)
-        return (out.reshape(loss_shape) if reduction == "none" else _nan_if_empty(out, denominator)).to(out_dtype)
+        one = torch.ones((), dtype=acc, device=input.device)
+        # 1/denominator is folded into the gradient in fp32 before rounding.
+        grad_scale = one / denominator if reduction == "mean" else one
+        lse_grad_scale = None
+        if z_loss_scale:
+            lse_grad_scale = 2 * z_loss_scale * (one / z_denominator if reduction == "mean" else one)
+        loss, z_loss, lse, pred, target_pred = inplace_cross_entropy(
+            x3, t, weight, grad_scale, lse_grad_scale, options, return_stats, reduction,
+            denominator, z_loss_scale, valid, z_denominator)
     else:
-        loss, _ = cross_entropy_rows(x3, t, weight, ignore_index, label_smoothing)
+        loss_rows, lse, pred, target_pred = cross_entropy_rows(x3, t, weight, options, return_stats)
+        loss = reduce_rows(loss_rows, reduction, denominator)
+        if z_loss_scale:
+            # A composition over the differentiable lse: its gradient reaches
+            # the backward kernel as grad_lse, with no extra pass.
+            z_loss = reduce_rows(z_loss_rows(lse, valid, z_loss_scale, acc), reduction, z_denominator)
+            loss = loss + z_loss
+        else:
+            z_loss = torch.zeros_like(loss)
+
     if reduction == "none":
-        return loss.reshape(loss_shape).to(out_dtype)
-    total = loss.sum()
-    if reduction == "sum":
-        return total.to(out_dtype)
-    return _nan_if_empty(total / denominator, denominator).to(out_dtype)
-
-
-def _nan_if_empty(mean, denominator):
-    """PyTorch's mean over no weight (all rows ignored or weighted 0) is nan,
-    also when label smoothing makes the sum non-zero."""
-    if not torch.is_tensor(denominator):
-        return mean
-    return torch.where(denominator == 0, torch.full_like(mean, math.nan), mean)
+        loss, z_loss = loss.reshape(loss_shape), z_loss.reshape(loss_shape)
+    loss = loss.to(out_dtype)
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        hits = pred == (target_pred if prob else t)
+        if valid is not None:
+            hits = hits & valid
+        accuracy = (hits.sum().to(torch.float32) / count).to(torch.float32)
+    return CrossEntropyStats(loss, z_loss.to(out_dtype), lse.to(torch.float32).reshape(loss_shape), accuracy)
 
 
 def _is_rows_view(x):

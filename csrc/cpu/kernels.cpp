@@ -24,10 +24,12 @@
 namespace fsce::cpu {
 namespace {
 
-// lse = m + log_s, kept as two parts so that z - lse loses no precision.
+// A row's pass over v: max m, log_s = log sum exp(v - m), the a_j sums, and
+// (with stats) the first argmax of v and of a probability target.
 template <typename acc_t>
 struct Stats {
   acc_t m, log_s, sum_a, sum_az;
+  int64_t pred, target_pred;
 };
 
 // A row's probability target, stored in the logits' dtype or, when the
@@ -57,10 +59,10 @@ struct Row {
 
 template <typename T>
 FSCE_VINLINE Row<T> row_at(const CEParams& p, int64_t r) {
+  using acc_t = typename AccOf<T>::type;
   const RowOffsets off = row_offsets(p, r);
   Row<T> row;
   row.z = static_cast<const T*>(p.logits) + off.logits;
-  using acc_t = typename AccOf<T>::type;
   row.t = {nullptr, nullptr};
   if (p.target_prob && p.target_prob_acc)
     row.t.acc = static_cast<const acc_t*>(p.target_prob) + off.target;
@@ -71,63 +73,79 @@ FSCE_VINLINE Row<T> row_at(const CEParams& p, int64_t r) {
   return row;
 }
 
-template <typename T>
-FSCE_VINLINE int row_mode(const Row<T>& row, const RowTarget<typename AccOf<T>::type>& tgt) {
-  return row.t ? kProb : (tgt.k != 0 ? kSmooth : kPlain);
+// What every row of a launch shares: the class weights, eps, 1/C, the
+// transform, and whether the argmax statistics are wanted.
+template <typename acc_t, int TR>
+struct Recipe {
+  const acc_t* w;
+  acc_t eps, inv_c;
+  LogitTransform<TR, acc_t> tr;
+  bool stats;
+};
+
+template <typename acc_t, int TR>
+FSCE_VINLINE Recipe<acc_t, TR> recipe_of(const CEParams& p) {
+  return {static_cast<const acc_t*>(p.weight), static_cast<acc_t>(p.label_smoothing),
+          acc_t(1) / static_cast<acc_t>(p.total_classes), logit_transform<TR, acc_t>(p),
+          p.pred != nullptr};
 }
 
 // ---------------------------------------------------------------- scalar path
 
-template <typename T, typename acc_t>
-FSCE_VINLINE acc_t coef_scalar(const Row<T>& row, const acc_t* w, int64_t j, int mode, acc_t eps,
-                               acc_t inv_c) {
-  const acc_t wj = w ? w[j] : acc_t(1);
+template <typename T, typename acc_t, int TR>
+FSCE_VINLINE acc_t coef_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t j, int mode) {
+  const acc_t wj = rc.w ? rc.w[j] : acc_t(1);
   if (mode != kProb) return wj;
-  return prob_coef<acc_t>(row.t.at(j * row.step), wj, eps, inv_c);
+  return prob_coef<acc_t>(row.t.at(j * row.step), wj, rc.eps, rc.inv_c);
 }
 
-template <typename T, typename acc_t>
-FSCE_VINLINE Stats<acc_t> stats_scalar(const Row<T>& row, const acc_t* w, int64_t C, int mode,
-                                       acc_t eps, acc_t pivot) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
+template <typename T, typename acc_t, int TR>
+FSCE_VINLINE Stats<acc_t> stats_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C,
+                                       int mode, acc_t pivot) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity(), t_max = m;
+  int64_t pred = C > 0 ? 0 : -1, target_pred = pred;
   for (int64_t j = 0; j < C; ++j) {
-    const acc_t x = static_cast<acc_t>(row.z[j * row.step]);
-    m = (x > m || x != x) ? x : m;
-  }
-  const acc_t shift = std::isinf(m) && m < 0 ? acc_t(0) : m;
-  const acc_t inv_c = acc_t(1) / C;
-  acc_t s = 0, sa = 0, saz = 0;
-  for (int64_t j = 0; j < C; ++j) {
-    const acc_t x = static_cast<acc_t>(row.z[j * row.step]);
-    s += std::exp(x - shift);
-    if (mode != kPlain) {
-      const acc_t a = coef_scalar(row, w, j, mode, eps, inv_c);
-      sa += a;
-      saz += a * (x - pivot);
+    const acc_t v = rc.tr.value(static_cast<acc_t>(row.z[j * row.step]));
+    if (v > m || v != v) {
+      if (m == m) pred = j;  // the first nan, or the first strict maximum
+      m = v;
+    }
+    if (rc.stats && mode == kProb) {
+      const acc_t t = row.t.at(j * row.step);
+      if (t > t_max) t_max = t, target_pred = j;
     }
   }
-  return {m, std::log(s), sa, saz};
+  const acc_t shift = std::isinf(m) && m < 0 ? acc_t(0) : m;
+  acc_t s = 0, sa = 0, saz = 0;
+  for (int64_t j = 0; j < C; ++j) {
+    const acc_t v = rc.tr.value(static_cast<acc_t>(row.z[j * row.step]));
+    s += std::exp(v - shift);
+    if (mode != kPlain) {
+      const acc_t a = coef_scalar(row, rc, j, mode);
+      sa += a;
+      saz += a * (v - pivot);
+    }
+  }
+  return {m, std::log(s), sa, saz, pred, target_pred};
 }
 
-template <typename T, typename acc_t>
-FSCE_VINLINE acc_t sum_coef_scalar(const Row<T>& row, const acc_t* w, int64_t C, acc_t eps) {
-  const acc_t inv_c = acc_t(1) / C;
+template <typename T, typename acc_t, int TR>
+FSCE_VINLINE acc_t sum_coef_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C) {
   acc_t sa = 0;
-  for (int64_t j = 0; j < C; ++j) sa += coef_scalar(row, w, j, kProb, eps, inv_c);
+  for (int64_t j = 0; j < C; ++j) sa += coef_scalar(row, rc, j, kProb);
   return sa;
 }
 
-template <typename T, typename acc_t>
-FSCE_VINLINE void grad_scalar(const Row<T>& row, T* out, const acc_t* w, int64_t C, int mode,
-                              acc_t eps, acc_t lse_hi, acc_t lse_lo, acc_t gA, acc_t gk, acc_t gy,
-                              int64_t y) {
-  const acc_t inv_c = acc_t(1) / C;
+template <typename T, typename acc_t, int TR>
+FSCE_VINLINE void grad_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C, int mode,
+                              acc_t lse_hi, acc_t lse_lo, GradCoefs<acc_t> c, int64_t y) {
   for (int64_t j = 0; j < C; ++j) {
-    const acc_t x = static_cast<acc_t>(row.z[j * row.step]);
-    acc_t v = gA * std::exp((x - lse_hi) - lse_lo);
-    if (mode != kPlain) v -= gk * coef_scalar(row, w, j, mode, eps, inv_c);
-    if (j == y) v -= gy;
-    out[j * row.step] = static_cast<T>(v);
+    acc_t slope;
+    const acc_t v = rc.tr.value_slope(static_cast<acc_t>(row.z[j * row.step]), slope);
+    acc_t d = c.gA * std::exp((v - lse_hi) - lse_lo);
+    if (mode != kPlain) d -= c.gk * coef_scalar(row, rc, j, mode);
+    if (j == y) d -= c.gy;
+    row.g[j * row.step] = static_cast<T>(TR == kIdentity ? d : d * slope);
   }
 }
 
@@ -135,15 +153,37 @@ FSCE_VINLINE void grad_scalar(const Row<T>& row, T* out, const acc_t* w, int64_t
 
 FSCE_VINLINE vint lane_ids() { return vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
 
+// The logit transform on 16 lanes; tanh from exp2v, whose argument must be
+// <= 0: tanh|u| = (1 - e) / (1 + e) with e = 2^(-2|u| log2 e).
+template <int TR>
+FSCE_VINLINE vfloat vec_value_slope(const LogitTransform<TR, float>& tr, vfloat z, vfloat* slope) {
+  if constexpr (TR == kIdentity) {
+    return z;
+  } else if constexpr (TR == kScale) {
+    if (slope) *slope = splat(tr.scale);
+    return z * tr.scale;
+  } else {
+    const vfloat u = z * (tr.scale * tr.inv_cap);
+    const vfloat au = u < 0.f ? -u : u;
+    const vfloat e = exp2v(au * (-2.f * kLog2e));
+    const vfloat ta = (1.f - e) / (1.f + e);
+    const vfloat t = u < 0.f ? -ta : ta;
+    if (slope) *slope = tr.scale * (1.f - t * t);
+    return tr.cap * t;
+  }
+}
+
+template <int TR>
+FSCE_VINLINE vfloat vec_value(const LogitTransform<TR, float>& tr, vfloat z) {
+  return vec_value_slope<TR>(tr, z, nullptr);
+}
+
 // a_j for 16 classes starting at j; lanes at or past `count` are 0.
 template <typename T, int MODE>
 FSCE_VINLINE vfloat coef_vec(Probs<T> t, const float* w, int64_t j, int count, float eps, float inv_c) {
   const bool full = count == kLanes;
   vfloat a = w ? (full ? load16(w + j) : load_partial(w + j, count, 0.f)) : splat(1.f);
-  if constexpr (MODE == kProb) {
-    const vfloat tj = t.vec(j, count);
-    a = a * ((1.f - eps) * tj + eps * inv_c);
-  }
+  if constexpr (MODE == kProb) a = a * ((1.f - eps) * t.vec(j, count) + eps * inv_c);
   return full ? a : (lane_ids() < count ? a : vfloat{});
 }
 
@@ -162,115 +202,151 @@ FSCE_VINLINE void absorb(vfloat& m, vfloat& s, const vfloat (&x)[NV]) {
   m = nm;
 }
 
-template <typename T, int MODE, int NV>
-FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const float* w, int64_t j, float eps,
-                               float inv_c, float pivot, vfloat& m, vfloat& s, vfloat& sa,
-                               vfloat& saz) {
+// Per-lane first argmax (strictly greater replaces), for the statistics.
+struct LaneArgmax {
+  vfloat m = splat(-std::numeric_limits<float>::infinity());
+  vint i = vint{} - 1;
+
+  FSCE_VINLINE void update(vfloat x, int64_t j) {
+    const vint gt = x > m;
+    m = gt ? x : m;
+    i = gt ? lane_ids() + static_cast<int>(j) : i;
+  }
+  // The lowest index among the lanes holding the maximum.
+  FSCE_VINLINE int64_t first() const {
+    const float top = hmax(m);
+    int64_t best = -1;
+    for (int l = 0; l < kLanes; ++l)
+      if (m[l] == top && i[l] >= 0 && (best < 0 || i[l] < best)) best = i[l];
+    return best;
+  }
+};
+
+// Everything the statistics pass accumulates per lane.
+struct LaneState {
+  vfloat m = splat(-std::numeric_limits<float>::infinity()), s{}, sa{}, saz{};
+  LaneArgmax pred, target_pred;
+};
+
+template <typename T, int MODE, int TR, int NV>
+FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const Recipe<float, TR>& rc, int64_t j,
+                               float pivot, LaneState& st) {
   vfloat x[NV];
-  for (int k = 0; k < NV; ++k) x[k] = load16(z + j + k * kLanes);
-  absorb<NV>(m, s, x);
+  for (int k = 0; k < NV; ++k) x[k] = vec_value<TR>(rc.tr, load16(z + j + k * kLanes));
+  absorb<NV>(st.m, st.s, x);
   if constexpr (MODE != kPlain) {
     for (int k = 0; k < NV; ++k) {
-      const vfloat a = coef_vec<T, MODE>(t, w, j + k * kLanes, kLanes, eps, inv_c);
-      sa += a;
-      saz += a * (x[k] - pivot);
+      const vfloat a = coef_vec<T, MODE>(t, rc.w, j + k * kLanes, kLanes, rc.eps, rc.inv_c);
+      st.sa += a;
+      st.saz += a * (x[k] - pivot);
+    }
+  }
+  if (rc.stats) {  // one predictable branch per chunk
+    for (int k = 0; k < NV; ++k) {
+      st.pred.update(x[k], j + k * kLanes);
+      if constexpr (MODE == kProb) st.target_pred.update(t.vec(j + k * kLanes, kLanes), j + k * kLanes);
     }
   }
 }
 
-template <typename T, int MODE>
-FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const float* w, int64_t C, float eps,
+template <typename T, int MODE, int TR>
+FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, TR>& rc, int64_t C,
                                     float pivot) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  const float inv_c = 1.f / C;
-  vfloat m = splat(-kInf), s{}, sa{}, saz{};
+  LaneState st;
   int64_t j = 0;
-  for (; j + 4 * kLanes <= C; j += 4 * kLanes)
-    absorb_chunk<T, MODE, 4>(z, t, w, j, eps, inv_c, pivot, m, s, sa, saz);
-  for (; j + kLanes <= C; j += kLanes)
-    absorb_chunk<T, MODE, 1>(z, t, w, j, eps, inv_c, pivot, m, s, sa, saz);
+  for (; j + 4 * kLanes <= C; j += 4 * kLanes) absorb_chunk<T, MODE, TR, 4>(z, t, rc, j, pivot, st);
+  for (; j + kLanes <= C; j += kLanes) absorb_chunk<T, MODE, TR, 1>(z, t, rc, j, pivot, st);
   if (j < C) {
     const int count = static_cast<int>(C - j);
-    const vfloat x[1] = {load_partial(z + j, count, -kInf)};
-    absorb<1>(m, s, x);
+    const vint in_row = lane_ids() < count;
+    // Padding lanes become -inf after the transform (softcap maps -inf to -cap).
+    const vfloat x[1] = {in_row ? vec_value<TR>(rc.tr, load_partial(z + j, count, 0.f)) : splat(-kInf)};
+    absorb<1>(st.m, st.s, x);
     if constexpr (MODE != kPlain) {
-      const vfloat a = coef_vec<T, MODE>(t, w, j, count, eps, inv_c);
-      const vfloat xa = lane_ids() < count ? x[0] : splat(pivot);
-      sa += a;
-      saz += a * (xa - pivot);
+      const vfloat a = coef_vec<T, MODE>(t, rc.w, j, count, rc.eps, rc.inv_c);
+      const vfloat xa = in_row ? x[0] : splat(pivot);
+      st.sa += a;
+      st.saz += a * (xa - pivot);
+    }
+    if (rc.stats) {
+      st.pred.update(x[0], j);
+      if constexpr (MODE == kProb) st.target_pred.update(in_row ? t.vec(j, count) : splat(-kInf), j);
     }
   }
-  const float M = hmax(m);
+  const float M = hmax(st.m);
   float S = 0.f;
   for (int l = 0; l < kLanes; ++l)
-    if (m[l] != -kInf) S += s[l] * std::exp(m[l] - M);
-  return {M, std::log(S), hsum(sa), hsum(saz)};
+    if (st.m[l] != -kInf) S += st.s[l] * std::exp(st.m[l] - M);
+  const int64_t pred = rc.stats ? st.pred.first() : -1;
+  const int64_t target_pred = rc.stats && MODE == kProb ? st.target_pred.first() : -1;
+  return {M, std::log(S), hsum(st.sa), hsum(st.saz), pred < 0 && C > 0 ? 0 : pred, target_pred};
 }
 
-template <typename T>
-FSCE_VINLINE float sum_coef_vec(Probs<T> t, const float* w, int64_t C, float eps) {
-  const float inv_c = 1.f / C;
+template <typename T, int TR>
+FSCE_VINLINE float sum_coef_vec(Probs<T> t, const Recipe<float, TR>& rc, int64_t C) {
   vfloat sa{};
   for (int64_t j = 0; j < C; j += kLanes)
-    sa += coef_vec<T, kProb>(t, w, j, static_cast<int>(std::min<int64_t>(kLanes, C - j)), eps,
-                             inv_c);
+    sa += coef_vec<T, kProb>(t, rc.w, j, static_cast<int>(std::min<int64_t>(kLanes, C - j)), rc.eps,
+                             rc.inv_c);
   return hsum(sa);
 }
 
-template <typename T, int MODE>
-FSCE_VINLINE void grad_vec(const T* z, Probs<T> t, const float* w, T* out, int64_t C, float eps,
-                           float lse_hi, float lse_lo, float gA, float gk, float gy, int64_t y) {
-  const float inv_c = 1.f / C;
+template <typename T, int MODE, int TR>
+FSCE_VINLINE void grad_vec(const T* z, Probs<T> t, T* out, const Recipe<float, TR>& rc, int64_t C,
+                           float lse_hi, float lse_lo, GradCoefs<float> c, int64_t y) {
   for (int64_t j = 0; j < C; j += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, C - j));
     const bool full = count == kLanes;
-    const vfloat x = full ? load16(z + j) : load_partial(z + j, count, 0.f);
-    vfloat v = gA * exp2v(((x - lse_hi) - lse_lo) * kLog2e);
-    if constexpr (MODE != kPlain) v -= gk * coef_vec<T, MODE>(t, w, j, count, eps, inv_c);
+    vfloat slope;
+    const vfloat v = vec_value_slope<TR>(rc.tr, full ? load16(z + j) : load_partial(z + j, count, 0.f), &slope);
+    vfloat d = c.gA * exp2v(((v - lse_hi) - lse_lo) * kLog2e);
+    if constexpr (MODE != kPlain) d -= c.gk * coef_vec<T, MODE>(t, rc.w, j, count, rc.eps, rc.inv_c);
     // The target's -coef_y is folded in fp32, before rounding to the output type.
-    // A lane select, not v[y - j], so that v stays in a register.
-    if (static_cast<uint64_t>(y - j) < kLanes) v = lane_ids() == int(y - j) ? v - gy : v;
+    // A lane select, not d[y - j], so that d stays in a register.
+    if (static_cast<uint64_t>(y - j) < kLanes) d = lane_ids() == int(y - j) ? d - c.gy : d;
+    if constexpr (TR != kIdentity) d = d * slope;
     if (full)
-      store16(out + j, v);
+      store16(out + j, d);
     else
-      store_partial(out + j, v, count);
+      store_partial(out + j, d, count);
   }
 }
 
 // ------------------------------------------------------------ row dispatch
 
-template <typename T, typename acc_t>
-FSCE_VINLINE Stats<acc_t> row_stats(const Row<T>& row, const acc_t* w, int64_t C, int mode, acc_t eps,
+template <typename T, typename acc_t, int TR>
+FSCE_VINLINE Stats<acc_t> row_stats(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C, int mode,
                                     acc_t pivot) {
   if constexpr (!std::is_same_v<T, double>) {
     if (row.step == 1) {
-      if (mode == kPlain) return stats_vec<T, kPlain>(row.z, row.t, w, C, eps, pivot);
-      if (mode == kSmooth) return stats_vec<T, kSmooth>(row.z, row.t, w, C, eps, pivot);
-      return stats_vec<T, kProb>(row.z, row.t, w, C, eps, pivot);
+      if (mode == kPlain) return stats_vec<T, kPlain, TR>(row.z, row.t, rc, C, pivot);
+      if (mode == kSmooth) return stats_vec<T, kSmooth, TR>(row.z, row.t, rc, C, pivot);
+      return stats_vec<T, kProb, TR>(row.z, row.t, rc, C, pivot);
     }
   }
-  return stats_scalar<T, acc_t>(row, w, C, mode, eps, pivot);
+  return stats_scalar<T, acc_t, TR>(row, rc, C, mode, pivot);
 }
 
-template <typename T, typename acc_t>
-FSCE_VINLINE acc_t row_sum_coef(const Row<T>& row, const acc_t* w, int64_t C, acc_t eps) {
+template <typename T, typename acc_t, int TR>
+FSCE_VINLINE acc_t row_sum_coef(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C) {
   if constexpr (!std::is_same_v<T, double>) {
-    if (row.step == 1) return sum_coef_vec<T>(row.t, w, C, eps);
+    if (row.step == 1) return sum_coef_vec<T, TR>(row.t, rc, C);
   }
-  return sum_coef_scalar<T, acc_t>(row, w, C, eps);
+  return sum_coef_scalar<T, acc_t, TR>(row, rc, C);
 }
 
-template <typename T, typename acc_t>
-FSCE_VINLINE void row_grad(const Row<T>& row, T* out, const acc_t* w, int64_t C, int mode, acc_t eps,
-                           acc_t lse_hi, acc_t lse_lo, acc_t gA, acc_t gk, acc_t gy, int64_t y) {
+template <typename T, typename acc_t, int TR>
+FSCE_VINLINE void row_grad(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C, int mode,
+                           acc_t lse_hi, acc_t lse_lo, GradCoefs<acc_t> c, int64_t y) {
   if constexpr (!std::is_same_v<T, double>) {
     if (row.step == 1) {
-      if (mode == kPlain) return grad_vec<T, kPlain>(row.z, row.t, w, out, C, eps, lse_hi, lse_lo, gA, gk, gy, y);
-      if (mode == kSmooth) return grad_vec<T, kSmooth>(row.z, row.t, w, out, C, eps, lse_hi, lse_lo, gA, gk, gy, y);
-      return grad_vec<T, kProb>(row.z, row.t, w, out, C, eps, lse_hi, lse_lo, gA, gk, gy, y);
+      if (mode == kPlain) return grad_vec<T, kPlain, TR>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y);
+      if (mode == kSmooth) return grad_vec<T, kSmooth, TR>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y);
+      return grad_vec<T, kProb, TR>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y);
     }
   }
-  grad_scalar<T, acc_t>(row, out, w, C, mode, eps, lse_hi, lse_lo, gA, gk, gy, y);
+  grad_scalar<T, acc_t, TR>(row, rc, C, mode, lse_hi, lse_lo, c, y);
 }
 
 template <typename T, typename acc_t>
@@ -283,14 +359,13 @@ FSCE_VINLINE acc_t quiet_nan() {
   return std::numeric_limits<acc_t>::quiet_NaN();
 }
 
-template <typename T>
+template <typename T, int TR>
 FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bool write_grad) {
   using acc_t = typename AccOf<T>::type;
   const int64_t C = p.classes;
-  const acc_t* w = static_cast<const acc_t*>(p.weight);
-  const acc_t eps = static_cast<acc_t>(p.label_smoothing);
+  const Recipe<acc_t, TR> rc = recipe_of<acc_t, TR>(p);
   const acc_t scale = write_grad ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(0);
-  const acc_t W = weight_total<acc_t>(p);
+  const acc_t lse_scale = write_grad && p.lse_grad_scale ? *static_cast<const acc_t*>(p.lse_grad_scale) : acc_t(0);
   auto* loss = static_cast<acc_t*>(p.loss);
   auto* lse_out = static_cast<double*>(p.lse);
   for (int64_t r = begin; r < end; ++r) {
@@ -301,33 +376,35 @@ FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bo
       const acc_t fill = tgt.ignored ? acc_t(0) : quiet_nan<acc_t>();
       loss[r] = fill;
       lse_out[r] = fill;
+      if (p.pred) p.pred[r] = -1;
+      if (p.target_pred) p.target_pred[r] = -1;
       if (write_grad) fill_row(row.g, C, row.step, fill);
       continue;
     }
-    const int mode = row_mode(row, tgt);
-    const acc_t pivot = C > 0 ? finite_or_zero(static_cast<acc_t>(row.z[0])) : acc_t(0);
-    const Stats<acc_t> st = row_stats<T, acc_t>(row, w, C, mode, eps, pivot);
-    const acc_t sum_a = mode == kSmooth ? W : st.sum_a;
-    const acc_t z_y = tgt.y >= 0 ? static_cast<acc_t>(row.z[tgt.y * row.step]) : acc_t(0);
-    loss[r] = row_loss(tgt, st.m, st.log_s, z_y, pivot, sum_a, st.sum_az);
-    lse_out[r] = static_cast<double>(st.m) + static_cast<double>(st.log_s);
+    const int mode = row_mode(static_cast<bool>(row.t), tgt);
+    const acc_t pivot = C > 0 ? finite_or_zero(rc.tr.value(static_cast<acc_t>(row.z[0]))) : acc_t(0);
+    const Stats<acc_t> st = row_stats<T, acc_t, TR>(row, rc, C, mode, pivot);
+    const acc_t sum_a = row_sum_a<acc_t>(p, mode, st.sum_a);
+    const acc_t v_y = tgt.y >= 0 ? rc.tr.value(static_cast<acc_t>(row.z[tgt.y * row.step])) : acc_t(0);
+    loss[r] = row_loss(tgt, st.m, st.log_s, v_y, pivot, sum_a, st.sum_az);
+    const double lse = static_cast<double>(st.m) + static_cast<double>(st.log_s);
+    lse_out[r] = lse;
+    if (p.pred) p.pred[r] = st.pred < 0 ? -1 : st.pred + p.class_offset;
+    if (p.target_pred) p.target_pred[r] = st.target_pred < 0 ? -1 : st.target_pred + p.class_offset;
     if (write_grad) {
-      const acc_t A = tgt.coef_y + tgt.k * sum_a;
-      row_grad<T, acc_t>(row, row.g, w, C, mode, eps, st.m, st.log_s, scale * A, scale * tgt.k,
-                         scale * tgt.coef_y, tgt.y);
+      const GradCoefs<acc_t> c = grad_coefs(tgt, sum_a, scale, lse_scale * static_cast<acc_t>(lse));
+      row_grad<T, acc_t, TR>(row, rc, C, mode, st.m, st.log_s, c, tgt.y);
     }
   }
 }
 
-template <typename T>
+template <typename T, int TR>
 FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<T>::type;
   const int64_t C = p.classes;
-  const acc_t* w = static_cast<const acc_t*>(p.weight);
-  const acc_t eps = static_cast<acc_t>(p.label_smoothing);
-  const acc_t W = weight_total<acc_t>(p);
+  const Recipe<acc_t, TR> rc = recipe_of<acc_t, TR>(p);
   const auto* lse = static_cast<const double*>(p.lse);
-  const auto* grad_rows = static_cast<const acc_t*>(p.grad_rows);
+  const auto* grad_output = static_cast<const acc_t*>(p.grad_output);
   const auto* grad_lse = static_cast<const acc_t*>(p.grad_lse);
   for (int64_t r = begin; r < end; ++r) {
     const Row<T> row = row_at<T>(p, r);
@@ -336,16 +413,32 @@ FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end) {
       fill_row(row.g, C, row.step, tgt.ignored ? acc_t(0) : quiet_nan<acc_t>());
       continue;
     }
-    const int mode = row_mode(row, tgt);
-    const acc_t g = grad_rows[r * p.grad_rows_stride];
-    const acc_t h = grad_lse ? grad_lse[r] : acc_t(0);
-    const acc_t sum_a =
-        mode == kProb ? row_sum_coef<T, acc_t>(row, w, C, eps) : (mode == kSmooth ? W : acc_t(0));
-    const acc_t A = tgt.coef_y + tgt.k * sum_a;
+    const int mode = row_mode(static_cast<bool>(row.t), tgt);
+    const acc_t sum_a = row_sum_a<acc_t>(p, mode, mode == kProb ? row_sum_coef<T, acc_t, TR>(row, rc, C) : acc_t(0));
+    const GradCoefs<acc_t> c = grad_coefs(tgt, sum_a, grad_output[r * p.grad_output_stride],
+                                          grad_lse ? grad_lse[r] : acc_t(0));
     acc_t lse_hi, lse_lo;
     split_lse(lse[r], lse_hi, lse_lo);
-    row_grad<T, acc_t>(row, row.g, w, C, mode, eps, lse_hi, lse_lo, g * A + h, g * tgt.k,
-                       g * tgt.coef_y, tgt.y);
+    row_grad<T, acc_t, TR>(row, rc, C, mode, lse_hi, lse_lo, c, tgt.y);
+  }
+}
+
+// One instantiation per transform; the transform is fixed for a launch.
+template <typename T>
+FSCE_VINLINE void forward_any(const CEParams& p, int64_t begin, int64_t end, bool write_grad) {
+  switch (transform_of(p)) {
+    case kIdentity: return forward_rows<T, kIdentity>(p, begin, end, write_grad);
+    case kScale: return forward_rows<T, kScale>(p, begin, end, write_grad);
+    default: return forward_rows<T, kSoftcap>(p, begin, end, write_grad);
+  }
+}
+
+template <typename T>
+FSCE_VINLINE void backward_any(const CEParams& p, int64_t begin, int64_t end) {
+  switch (transform_of(p)) {
+    case kIdentity: return backward_rows<T, kIdentity>(p, begin, end);
+    case kScale: return backward_rows<T, kScale>(p, begin, end);
+    default: return backward_rows<T, kSoftcap>(p, begin, end);
   }
 }
 
@@ -355,10 +448,10 @@ FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end) {
 // that each clone is compiled for its own instruction set.
 #define FSCE_CPU_ENTRIES(T, suffix)                                                       \
   FSCE_CPU_CLONES void forward_##suffix(const CEParams& p, int64_t b, int64_t e, bool wg) { \
-    forward_rows<T>(p, b, e, wg);                                                         \
+    forward_any<T>(p, b, e, wg);                                                             \
   }                                                                                       \
   FSCE_CPU_CLONES void backward_##suffix(const CEParams& p, int64_t b, int64_t e) {         \
-    backward_rows<T>(p, b, e);                                                            \
+    backward_any<T>(p, b, e);                                                                \
   }
 
 FSCE_CPU_ENTRIES(float, f32)
@@ -404,11 +497,11 @@ void by_dtype(DType dtype, F32 f32, BF16 bf16, F16 f16, F64 f64) {
 template <typename T>
 void scale_rows_typed(const CEParams& p) {
   using acc_t = typename AccOf<T>::type;
-  const auto* g = static_cast<const acc_t*>(p.grad_rows);
+  const auto* g = static_cast<const acc_t*>(p.grad_output);
   at::parallel_for(0, p.rows, row_grain(p), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const Row<T> row = row_at<T>(p, r);
-      const acc_t k = g[r * p.grad_rows_stride];
+      const acc_t k = g[r * p.grad_output_stride];
       for (int64_t j = 0; j < p.classes; ++j) {
         T& v = row.g[j * row.step];
         v = static_cast<T>(static_cast<acc_t>(v) * k);
@@ -437,9 +530,9 @@ void backward(const CEParams& p) {
 }
 
 void scale_rows(const CEParams& p) {
-  const bool unit = p.grad_rows_stride == 0 &&
-                    (p.dtype == DType::Float64 ? *static_cast<const double*>(p.grad_rows) == 1.0
-                                               : *static_cast<const float*>(p.grad_rows) == 1.f);
+  const bool unit = p.grad_output_stride == 0 &&
+                    (p.dtype == DType::Float64 ? *static_cast<const double*>(p.grad_output) == 1.0
+                                               : *static_cast<const float*>(p.grad_output) == 1.f);
   if (unit) return;
   by_dtype(
       p.dtype, [&] { scale_rows_typed<float>(p); }, [&] { scale_rows_typed<c10::BFloat16>(p); },

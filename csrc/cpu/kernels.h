@@ -10,10 +10,10 @@ namespace fsce::cpu {
 // grad_scale * dloss/dlogits into p.grad while the row is still in cache.
 void forward(const CEParams& p, bool write_grad);
 
-// grad = grad_rows[r] * dloss_r/dlogits, recomputing softmax from the lse.
+// grad = grad_output[r] * dloss_r/dlogits, recomputing softmax from the lse.
 void backward(const CEParams& p);
 
-// Multiplies row r of p.grad by grad_rows[r * grad_rows_stride]; returns at
+// Multiplies row r of p.grad by grad_output[r * grad_output_stride]; returns at
 // once when the stride is 0 and the scalar is 1.
 void scale_rows(const CEParams& p);
 

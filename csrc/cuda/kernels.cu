@@ -314,7 +314,7 @@ __device__ __forceinline__ void load_saved(const CEParams& p, int64_t r, const R
   hi = lo = scale = lse_grad = 0;
   if (row.skip) return;
   split_lse(static_cast<const double*>(p.lse)[r], hi, lo);
-  scale = static_cast<const acc_t*>(p.grad_rows)[r * p.grad_rows_stride];
+  scale = static_cast<const acc_t*>(p.grad_output)[r * p.grad_output_stride];
   if (p.grad_lse) lse_grad = static_cast<const acc_t*>(p.grad_lse)[r];
 }
 
@@ -407,7 +407,7 @@ __global__ void __launch_bounds__(256) split_finish_kernel(const CEParams p, int
 }
 
 // Gradient of class-index rows from a saved lse, one chunk of one row per
-// block. `scale` is read at grad_rows[r * grad_rows_stride].
+// block. `scale` is read at grad_output[r * grad_output_stride].
 template <typename T>
 __global__ void __launch_bounds__(kSplitThreads) split_grad_kernel(const CEParams p, int splits,
                                                                   int64_t chunk) {
@@ -423,10 +423,10 @@ __global__ void __launch_bounds__(kSplitThreads) split_grad_kernel(const CEParam
 template <typename T>
 __global__ void __launch_bounds__(256) scale_kernel(const CEParams p) {
   using acc_t = typename AccOf<T>::type;
-  const auto* g = static_cast<const acc_t*>(p.grad_rows);
+  const auto* g = static_cast<const acc_t*>(p.grad_output);
   // The usual loss.backward() of a mean or sum: nothing to do, and no host
   // sync to find that out.
-  if (p.grad_rows_stride == 0 && g[0] == acc_t(1)) return;
+  if (p.grad_output_stride == 0 && g[0] == acc_t(1)) return;
   const int64_t total = p.rows * p.classes;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(256) scale_kernel(const CEParams p) {
     const int64_t rest = e % (p.classes * p.inner);
     const int64_t j = rest / p.inner, s = rest % p.inner;
     T& v = static_cast<T*>(p.grad)[n * p.grad_outer_stride + j * p.inner + s];
-    v = from_acc<T>(to_acc(v) * g[(n * p.inner + s) * p.grad_rows_stride]);
+    v = from_acc<T>(to_acc(v) * g[(n * p.inner + s) * p.grad_output_stride]);
   }
 }
 
@@ -497,8 +497,8 @@ void launch_forward(const CEParams& p, bool write_grad, cudaStream_t stream) {
   if (write_grad) {
     // In place: the gradient pass reads the logits a second time.
     CEParams g = p;
-    g.grad_rows = p.grad_scale;
-    g.grad_rows_stride = 0;
+    g.grad_output = p.grad_scale;
+    g.grad_output_stride = 0;
     launch_split_grad<T>(g, backward_split(g), stream);
   }
 }
