@@ -9,10 +9,12 @@ class CrossEntropyLoss(nn.Module):
     """Same constructor and results as `torch.nn.CrossEntropyLoss`.
 
     ``weight`` is a buffer, so ``.to()`` and ``state_dict`` carry it. The
-    keyword-only ``inplace_backward`` is passed to `cross_entropy`.
+    keyword-only extras (``inplace_backward``, ``logit_scale``, ``softcap``,
+    ``z_loss_scale``, ``return_stats``) are passed to `cross_entropy`.
     """
 
-    __constants__ = ["ignore_index", "reduction", "label_smoothing", "inplace_backward"]
+    __constants__ = ["ignore_index", "reduction", "label_smoothing", "inplace_backward", "logit_scale",
+                     "softcap", "z_loss_scale", "return_stats"]
 
     def __init__(
         self,
@@ -24,6 +26,10 @@ class CrossEntropyLoss(nn.Module):
         label_smoothing=0.0,
         *,
         inplace_backward=False,
+        logit_scale=1.0,
+        softcap=None,
+        z_loss_scale=0.0,
+        return_stats=False,
     ):
         super().__init__()
         if size_average is not None or reduce is not None:
@@ -33,6 +39,10 @@ class CrossEntropyLoss(nn.Module):
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.inplace_backward = inplace_backward
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.z_loss_scale = z_loss_scale
+        self.return_stats = return_stats
 
     def forward(self, input, target):
         return cross_entropy(
@@ -43,10 +53,16 @@ class CrossEntropyLoss(nn.Module):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             inplace_backward=self.inplace_backward,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            z_loss_scale=self.z_loss_scale,
+            return_stats=self.return_stats,
         )
 
     def extra_repr(self):
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, inplace_backward={self.inplace_backward}"
+            f"label_smoothing={self.label_smoothing}, inplace_backward={self.inplace_backward}, "
+            f"logit_scale={self.logit_scale}, softcap={self.softcap}, z_loss_scale={self.z_loss_scale}, "
+            f"return_stats={self.return_stats}"
         )
