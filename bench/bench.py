@@ -6,6 +6,7 @@ prints a table, and draws a PNG from the CSV (bench/plot.py).
     python bench/bench.py            # quick default on this device
     python bench/bench.py --full     # the whole sweep
     python bench/bench.py --autocast # bf16 logits under torch.autocast: ours vs torch
+    python bench/bench.py --options  # the LLM options' cost over the plain fused path (bf16)
 """
 import argparse
 import csv
@@ -81,6 +82,32 @@ def autocast_providers(device):
         "torch_compile_amp": amp(compiled)}
 
 
+def option_providers(device):
+    """The LLM options, each alone, against the plain fused path (and Liger's on CUDA)."""
+    options = {"": {}, "_zloss": dict(z_loss_scale=1e-4), "_stats": dict(return_stats=True),
+               "_softcap": dict(softcap=30.0), "_scale": dict(logit_scale=0.5)}
+
+    def run(kwargs, inplace):
+        def fn(x, y):
+            out = fce.cross_entropy(x, y, inplace_backward=inplace, **kwargs)
+            return out.loss if kwargs.get("return_stats") else out
+        return fn
+
+    out = {}
+    for inplace in (False, True):
+        for name, kwargs in options.items():
+            out[f"fused{'_inplace' if inplace else ''}{name}"] = run(kwargs, inplace)
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except ImportError:
+        return out
+    if device == "cuda":
+        out["liger"] = LigerCrossEntropyLoss()
+        out["liger_zloss"] = LigerCrossEntropyLoss(lse_square_scale=1e-4)
+        out["liger_softcap"] = LigerCrossEntropyLoss(softcap=30.0)
+    return out
+
+
 def providers(device):
     def liger():
         try:
@@ -152,6 +179,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--autocast", action="store_true",
                         help="bf16 logits under torch.autocast (writes <csv>-autocast.csv)")
+    parser.add_argument("--options", action="store_true",
+                        help="the LLM options at bf16 (writes <csv>-options.csv)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per row")
     parser.add_argument("--out", default=None, help="CSV path (default: bench/results/<device>-<date>.csv)")
     args = parser.parse_args()
@@ -160,12 +189,15 @@ def main():
     name, date = device_name(device), datetime.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")[:40]
-    suffix = ("-full" if args.full else "") + ("-autocast" if args.autocast else "")
+    suffix = ("-full" if args.full else "") + ("-autocast" if args.autocast else "") + (
+        "-options" if args.options else "")
     out = pathlib.Path(args.out) if args.out else RESULTS / f"{device}-{slug}-{date}{suffix}.csv"
 
-    impls = autocast_providers(device) if args.autocast else providers(device)
-    dtypes = ["bf16"] if args.autocast else list(DTYPES)
-    plan = [(n, c, dt) for n, c in shapes(device, args.full) for dt in dtypes]
+    impls = autocast_providers(device) if args.autocast else (
+        option_providers(device) if args.options else providers(device))
+    dtypes = ["bf16"] if args.autocast or args.options else list(DTYPES)
+    sizes = [(4096, 32000)] if args.options and device == "cpu" else shapes(device, args.full)
+    plan = [(n, c, dt) for n, c in sizes for dt in dtypes]
     total = len(plan) * len(impls) * len(MODES)
     rows, done = [], 0
     print(f"{name}, torch {torch.__version__}, {total} measurements", file=sys.stderr)
