@@ -10,6 +10,7 @@ chunks with the rows scaled.
 """
 import torch
 from torch import Tensor, nn
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn import _reduction as _Reduction
 
 from ._ops import acc_dtype, ops
@@ -185,13 +186,18 @@ def _backward(ctx, grad_loss, *_unused):
         )
     else:
         gi, gw, gb = ctx.saved_tensors
-        for grad, needed in ((gi, need_input), (gw, need_weight), (gb, need_bias)):
-            if needed:  # free when grad_output is the scalar 1
-                ops.scale_grad_(grad.view(1, -1) if grad.dim() == 1 else grad,
-                                grad_loss.to(acc_dtype(grad.dtype)))
-                # A second backward through this graph would scale again:
-                # bumping the version makes autograd refuse it.
-                torch.autograd.graph.increment_version(grad)
+        if isinstance(grad_loss, FunctionalTensor):
+            # Traced by AOTAutograd (torch.compile, opcheck): a backward may not
+            # mutate the forward's outputs there, so the scaling is out of place.
+            gi, gw, gb = ((g * grad_loss).to(g.dtype) for g in (gi, gw, gb))
+        else:
+            for grad, needed in ((gi, need_input), (gw, need_weight), (gb, need_bias)):
+                if needed:  # free when grad_output is the scalar 1
+                    ops.scale_grad_(grad.view(1, -1) if grad.dim() == 1 else grad,
+                                    grad_loss.to(acc_dtype(grad.dtype)))
+                    # A second backward through this graph would scale again:
+                    # bumping the version makes autograd refuse it.
+                    torch.autograd.graph.increment_version(grad)
     return (gi if need_input else None, gw if need_weight else None, None,
             gb if need_bias else None) + (None,) * 11
 
