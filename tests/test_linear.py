@@ -230,6 +230,7 @@ def test_opcheck(device):
 
 @device_param()
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")  # by disabling the caches, on purpose
 def test_compile_fullgraph(device, reduction):
     torch._dynamo.reset()
 
