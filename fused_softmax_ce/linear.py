@@ -1,0 +1,442 @@
+"""`linear_cross_entropy`: the loss straight from hidden states, never holding the N x V logits.
+
+Tokens are processed in chunks. Each chunk's logits come from one matmul; the
+fused in-place kernel turns them into the per-row loss and overwrites them with
+their gradient; two more matmuls turn that into the chunk's share of the
+input, weight and bias gradients. For reduction 'mean' and 'sum' this happens
+in the forward, so the backward only scales the gradients by grad_output; for
+'none' every row has its own grad_output, so the backward recomputes the
+chunks with the rows scaled.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.nn import _reduction as _Reduction
+
+from ._checks import check_llm_options, dtype_name
+from ._ops import acc_dtype, ops
+from ._reduction import mean_denominator
+from .functional import CrossEntropyStats
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype, device):
+    """The matmuls' dtype: the CPU emulates bf16/fp16 GEMMs (several times slower), so half runs in fp32 there."""
+    return torch.float32 if dtype in _HALF and device.type == "cpu" else dtype
+
+
+def default_chunk_size(n_rows, hidden, n_classes):
+    """Rows per chunk whose logits take about as much memory as the input (N x H).
+
+    Each chunk streams the whole weight and its gradient, so time grows with
+    the number of chunks and memory with their size; this is PyTorch's own
+    aspect-ratio rule (LinearCrossEntropyOptions), rounded up to a power of two.
+    """
+    rows = -(-n_rows // -(-n_classes // max(hidden, 1)))
+    return max(1, min(n_rows, 1 << max(rows - 1, 0).bit_length()))
+
+
+def _chunk_loss(logits, target, weight, grad_scale, lse_grad_scale, options, stats, write_grad):
+    """(loss, lse, pred) per row of one chunk of logits.
+
+    With ``write_grad`` the logits are overwritten by grad_scale * dloss/dlogits
+    (+ lse_grad_scale * lse * softmax, the z-loss). The one place that calls
+    the cross-entropy kernels; options = (ignore_index, label_smoothing,
+    logit_scale, softcap).
+    """
+    if write_grad:
+        out = ops.ce_forward_inplace(logits, target, weight, grad_scale, *options, lse_grad_scale, stats)
+    else:
+        out = ops.ce_forward(logits, target, weight, *options, stats)
+    return out[:3]
+
+
+@torch.library.custom_op("fused_softmax_ce::linear_ce", mutates_args=())
+def _linear_ce(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Optional[Tensor],
+    weight: Optional[Tensor],
+    grad_scale: Tensor,
+    row_scale: Optional[Tensor],
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    logit_scale: float,
+    softcap: float,
+    lse_grad_scale: Optional[Tensor],
+    stats: bool,
+    chunk_size: int,
+    grad_acc_dtype: torch.dtype,
+    need_input_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Loss (reduced, or per row for 'none'; z-loss included) and, where asked
+    for, the gradients grad_scale * (row_scale *) d loss / d (input,
+    linear_weight, linear_bias) (empty tensors stand for gradients not asked
+    for); then the z-loss term, the per-row lse (float64) and, with stats, the
+    per-row argmax (else empty).
+
+    input (N, H), linear_weight (V, H), target (N,) int64, linear_bias (V,);
+    grad_scale is one element of the accumulation dtype, row_scale (N,) or None;
+    lse_grad_scale is 2 * z_loss_scale (/ its mean's denominator), or None.
+    """
+    # The matmuls run in cdt as chosen here, not in an enclosing autocast's dtype.
+    with torch.autocast(input.device.type, enabled=False):
+        return _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scale, row_scale,
+                               reduction, (ignore_index, label_smoothing, logit_scale, softcap),
+                               lse_grad_scale, stats, chunk_size, grad_acc_dtype,
+                               need_input_grad, need_weight_grad, need_bias_grad)
+
+
+def _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scale, row_scale,
+                    reduction, options, lse_grad_scale, stats, chunk_size, grad_acc_dtype,
+                    need_input_grad, need_weight_grad, need_bias_grad):
+    n, h = input.shape
+    v = linear_weight.shape[0]
+    dtype, device = input.dtype, input.device
+    cdt = _compute_dtype(dtype, device)
+    acc = acc_dtype(cdt)
+    write_grad = need_input_grad or need_weight_grad or need_bias_grad
+
+    w = linear_weight.to(cdt)
+    b = None if linear_bias is None else linear_bias.to(cdt)
+    cw = None if weight is None else weight.to(cdt)
+    loss = torch.empty(n, dtype=acc, device=device)
+    lse = torch.empty(n, dtype=torch.float64, device=device)
+    pred = torch.empty(n if stats else 0, dtype=torch.long, device=device)
+    # Outputs must not alias one another: a fresh empty tensor for each gradient not asked for.
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input_grad else input.new_empty(0)
+    grad_w = torch.zeros(v, h, dtype=grad_acc_dtype, device=device) if need_weight_grad else input.new_empty(0)
+    grad_b = torch.zeros(v, dtype=grad_acc_dtype, device=device) if need_bias_grad else input.new_empty(0)
+    # One logits buffer (and one grad-input buffer when it needs a cast) reused
+    # by every chunk: no allocation, and no fresh pages to fault in, per chunk.
+    rows = max(1, min(chunk_size, n))
+    buf = torch.empty(rows, v, dtype=cdt, device=device)
+    gi_buf = torch.empty(rows, h, dtype=cdt, device=device) if need_input_grad and cdt != dtype else None
+
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        x = input[start:stop].to(cdt)
+        logits = buf[: stop - start]
+        if b is None:
+            torch.mm(x, w.t(), out=logits)
+        else:
+            torch.addmm(b, x, w.t(), out=logits)
+        chunk = _chunk_loss(logits, target[start:stop], cw, grad_scale, lse_grad_scale, options, stats,
+                            write_grad)
+        loss[start:stop], lse[start:stop] = chunk[0], chunk[1]
+        if stats:
+            pred[start:stop] = chunk[2]
+        if not write_grad:
+            continue
+        if row_scale is not None:
+            ops.scale_grad_(logits, row_scale[start:stop])
+        if need_input_grad:
+            if gi_buf is None:
+                torch.mm(logits, w, out=grad_input[start:stop])
+            else:
+                grad_input[start:stop] = torch.mm(logits, w, out=gi_buf[: stop - start])
+        if need_weight_grad:
+            if grad_w.dtype == cdt:
+                grad_w.addmm_(logits.t(), x)
+            else:
+                grad_w += logits.t() @ x
+        if need_bias_grad:
+            grad_b += logits.sum(0, dtype=grad_b.dtype)
+    del w, buf, gi_buf
+
+    # lse_grad_scale / 2 is z_loss_scale over the z-loss's own denominator
+    # (ignored rows have lse 0).
+    z_rows = (0.5 * lse_grad_scale * lse.to(acc) ** 2) if lse_grad_scale is not None else torch.zeros_like(loss)
+    if reduction == "none":
+        out, z_loss = loss, z_rows
+    elif reduction == "sum":
+        out, z_loss = loss.sum(), z_rows.sum()
+    else:
+        out, z_loss = loss.sum() * grad_scale, z_rows.sum()
+    return (out + z_loss, grad_input,
+            grad_w.to(linear_weight.dtype) if need_weight_grad else grad_w,
+            grad_b.to(linear_bias.dtype) if need_bias_grad else grad_b,
+            z_loss, lse, pred)
+
+
+@_linear_ce.register_fake
+def _(input, linear_weight, target, linear_bias, weight, grad_scale, row_scale, reduction,
+      ignore_index, label_smoothing, logit_scale, softcap, lse_grad_scale, stats, chunk_size,
+      grad_acc_dtype, need_input_grad, need_weight_grad, need_bias_grad):
+    acc = acc_dtype(_compute_dtype(input.dtype, input.device))
+    n = input.shape[0]
+    out = input.new_empty(n if reduction == "none" else (), dtype=acc)
+    return (out,
+            torch.empty_like(input, memory_format=torch.contiguous_format) if need_input_grad else input.new_empty(0),
+            torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if need_weight_grad
+            else input.new_empty(0),
+            torch.empty_like(linear_bias) if need_bias_grad else input.new_empty(0),
+            torch.empty_like(out),
+            input.new_empty(n, dtype=torch.float64),
+            input.new_empty(n if stats else 0, dtype=torch.long))
+
+
+def _setup_context(ctx, inputs, output):
+    (input, linear_weight, target, linear_bias, weight, _grad_scale, _row_scale, reduction,
+     ignore_index, label_smoothing, logit_scale, softcap, lse_grad_scale, _stats, chunk_size,
+     grad_acc_dtype, *_needs) = inputs
+    # The gradient outputs get no gradient: no V x H zeros made for them in
+    # the backward; nor do the statistics (see _StatisticOnly).
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.reduction = reduction
+    if reduction == "none":
+        # Each row has its own grad_output: the backward recomputes the chunks.
+        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, lse_grad_scale)
+        ctx.args = (ignore_index, label_smoothing, logit_scale, softcap, chunk_size, grad_acc_dtype)
+    else:
+        # The gradients were computed by the forward; the backward scales them in place.
+        ctx.save_for_backward(*output[1:4])
+
+
+def _backward(ctx, grad_loss, *_unused):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "linear_cross_entropy: double backward (create_graph=True) is not supported; "
+            "use the reference path, torch.nn.functional.linear_cross_entropy(..., options=None)"
+        )
+    need_input, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+    if ctx.reduction == "none":
+        input, linear_weight, target, linear_bias, weight, lse_grad_scale = ctx.saved_tensors
+        ignore_index, label_smoothing, logit_scale, softcap, chunk_size, grad_acc_dtype = ctx.args
+        ones = torch.ones((), dtype=grad_loss.dtype, device=grad_loss.device)
+        _, gi, gw, gb, *_ = _linear_ce(
+            input, linear_weight, target, linear_bias, weight, ones, grad_loss.contiguous(), "none",
+            ignore_index, label_smoothing, logit_scale, softcap, lse_grad_scale, False, chunk_size,
+            grad_acc_dtype, need_input, need_weight, need_bias,
+        )
+    else:
+        gi, gw, gb = ctx.saved_tensors
+        if isinstance(grad_loss, FunctionalTensor):
+            # Traced by AOTAutograd (torch.compile, opcheck): a backward may not
+            # mutate the forward's outputs there, so the scaling is out of place.
+            gi, gw, gb = ((g * grad_loss).to(g.dtype) for g in (gi, gw, gb))
+        else:
+            for grad, needed in ((gi, need_input), (gw, need_weight), (gb, need_bias)):
+                if needed:  # free when grad_output is the scalar 1
+                    ops.scale_grad_(grad.view(1, -1) if grad.dim() == 1 else grad,
+                                    grad_loss.to(acc_dtype(grad.dtype)))
+                    # A second backward through this graph would scale again:
+                    # bumping the version makes autograd refuse it.
+                    torch.autograd.graph.increment_version(grad)
+    return (gi if need_input else None, gw if need_weight else None, None,
+            gb if need_bias else None) + (None,) * 15
+
+
+_linear_ce.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _StatisticOnly(torch.autograd.Function):
+    """A statistic whose gradient was not computed: using it in a loss raises
+    instead of silently dropping its term."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "linear_cross_entropy computes the gradient of `loss` in the forward; its z_loss and "
+            "lse statistics are for logging and not differentiable"
+        )
+
+
+def _check(input, linear_weight, target, linear_bias, weight, label_smoothing):
+    """PyTorch's checks (types and messages) for what this path supports; clear refusals for the rest."""
+    if input.dim() < 1:
+        raise RuntimeError(f"expected input with dimensionality 1 or more, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(
+            f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}"
+        )
+    if linear_weight.dim() > 2:
+        raise NotImplementedError(
+            "linear_cross_entropy: K-dimensional loss (linear_weight of shape "
+            f"{tuple(linear_weight.shape)}) is not supported; expected linear_weight of shape (V, H)"
+        )
+    if input.shape[-1] != linear_weight.shape[-1]:
+        raise RuntimeError(
+            "expected equal input and linear_weight last dimensions (in_features), "
+            f"got {input.shape[-1]} and {linear_weight.shape[-1]}, respectively"
+        )
+    n_classes = linear_weight.shape[0]
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
+        raise RuntimeError(f"expected linear_bias shape {(n_classes,)}, got {tuple(linear_bias.shape)}")
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is not None and t.dtype != input.dtype:
+            raise RuntimeError(
+                f"linear_cross_entropy: {name} dtype {t.dtype} must match input dtype {input.dtype}"
+            )
+    if input.dtype not in (torch.float32, torch.float64) + _HALF:
+        raise NotImplementedError(
+            f"linear_cross_entropy: input dtype {input.dtype} is not supported; expected one of "
+            "float32, float64, float16, bfloat16"
+        )
+    if target.is_floating_point():
+        raise NotImplementedError(
+            f"linear_cross_entropy: probability targets (a {target.dtype} target of shape "
+            f"{tuple(target.shape)}) are not supported; expected int64 class indices of shape "
+            f"{tuple(input.shape[:-1])}"
+        )
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"Expected input batch_size ({tuple(input.shape[:-1])}) to match target batch_size "
+            f"({tuple(target.shape)})."
+        )
+    if target.dtype not in (torch.long, torch.uint8):
+        raise RuntimeError(
+            f"expected target dtype to be Long or Byte, but got {dtype_name(target.dtype)}"
+        )
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if weight is not None:
+        if weight.dim() != 1 or weight.numel() != n_classes:
+            raise RuntimeError(
+                f"weight tensor should be defined either for all {n_classes} classes or no "
+                f"classes but got weight tensor of shape: {list(weight.shape)}"
+            )
+        if weight.dtype != input.dtype:
+            raise RuntimeError(
+                f"expected scalar type {dtype_name(input.dtype)} but found "
+                f"{dtype_name(weight.dtype)} (weight)"
+            )
+
+
+def linear_cross_entropy(
+    input,
+    linear_weight,
+    target,
+    *,
+    linear_bias=None,
+    weight=None,
+    reduction="mean",
+    ignore_index=-100,
+    label_smoothing=0.0,
+    chunk_size=None,
+    grad_acc_dtype=None,
+    logit_scale=1.0,
+    softcap=None,
+    z_loss_scale=0.0,
+    return_stats=False,
+):
+    """Same arguments and results as `torch.nn.functional.linear_cross_entropy`,
+    ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)``,
+    without ever holding the N x V logits.
+
+    ``input`` is (H) or (..., H) and ``target`` the matching (...) class
+    indices; ``linear_weight`` is (V, H) and ``linear_bias`` (V).
+
+    ``chunk_size``: rows of ``input`` per chunk; the default gives a chunk's
+    logits about the input's size (see `default_chunk_size`). ``grad_acc_dtype``: the dtype in
+    which the gradients of ``linear_weight`` and ``linear_bias`` are summed
+    over chunks; default float32 for float16/bfloat16 weights (the result is
+    rounded once, at the end), else the weight's dtype. Pass the weight's
+    own dtype to sum in it: less accurate, and V x H x 4 bytes less where
+    the matmuls run in that dtype (not on the CPU, which multiplies half
+    precision in fp32).
+
+    ``logit_scale``, ``softcap``, ``z_loss_scale`` and ``return_stats`` are
+    `cross_entropy`'s; with ``return_stats`` the result is a
+    `CrossEntropyStats` whose ``z_loss`` and ``lse`` are not differentiable
+    here (the gradients are computed in the forward).
+    """
+    _Reduction.get_enum(reduction)  # ValueError on an unknown reduction, as PyTorch
+    if ignore_index is None:  # PyTorch's default for class-index targets
+        ignore_index = -100
+    _check(input, linear_weight, target, linear_bias, weight, label_smoothing)
+    check_llm_options(logit_scale, softcap, z_loss_scale)
+    out_dtype = input.dtype
+    if torch.is_autocast_enabled(input.device.type):
+        # As autocast runs the reference's linear: in the autocast dtype.
+        dt = torch.get_autocast_dtype(input.device.type)
+        input, linear_weight = input.to(dt), linear_weight.to(dt)
+        linear_bias = None if linear_bias is None else linear_bias.to(dt)
+        weight = None if weight is None else weight.to(dt)
+    if grad_acc_dtype is None:
+        grad_acc_dtype = torch.float32 if input.dtype in _HALF else input.dtype
+
+    loss_shape = tuple(target.shape)
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1).long()
+    n, v = x.shape[0], linear_weight.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n, x.shape[1], v)
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+
+    acc = acc_dtype(_compute_dtype(x.dtype, x.device))
+    scale = torch.ones((), dtype=acc, device=x.device)
+    if reduction == "mean":
+        # 1/denominator is folded into the gradients in the accumulation dtype.
+        scale = scale / mean_denominator(t, weight, ignore_index, v, acc)
+    valid = t != ignore_index
+    count = valid.sum().to(acc)
+    lse_grad_scale = None
+    if z_loss_scale:
+        lse_grad_scale = 2 * z_loss_scale * (1 / count if reduction == "mean" else torch.ones_like(count))
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and reduction != "none" and p is not None and p.requires_grad
+            for p in (x, linear_weight, linear_bias)]
+    loss, _, _, _, z_loss, lse, pred = _linear_ce(
+        x, linear_weight, t, linear_bias, weight, scale, None, reduction, ignore_index,
+        float(label_smoothing), float(logit_scale), float(softcap or 0.0), lse_grad_scale,
+        bool(return_stats), int(chunk_size), grad_acc_dtype, *need)
+    if reduction == "none":
+        loss, z_loss = loss.reshape(loss_shape), z_loss.reshape(loss_shape)
+    loss = loss.to(out_dtype)
+    if not return_stats:
+        return loss
+    accuracy = (((pred == t) & valid).sum().to(torch.float32) / count).to(torch.float32)
+    differentiable = grad_on and any(p is not None and p.requires_grad for p in (x, linear_weight, linear_bias))
+    z_loss, lse = z_loss.to(out_dtype), lse.to(torch.float32).reshape(loss_shape)
+    if differentiable:
+        z_loss, lse = _StatisticOnly.apply(z_loss.requires_grad_()), _StatisticOnly.apply(lse.requires_grad_())
+    return CrossEntropyStats(loss, z_loss, lse, accuracy)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """A module for `linear_cross_entropy`: the constructor takes its keyword options
+    (weight, reduction, ignore_index, label_smoothing, chunk_size, grad_acc_dtype);
+    ``weight`` is a buffer, so ``.to()`` and ``state_dict`` carry it.
+    """
+
+    def __init__(self, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                 chunk_size=None, grad_acc_dtype=None, *, logit_scale=1.0, softcap=None,
+                 z_loss_scale=0.0, return_stats=False):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.chunk_size = chunk_size
+        self.grad_acc_dtype = grad_acc_dtype
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.z_loss_scale = z_loss_scale
+        self.return_stats = return_stats
+
+    def forward(self, input, linear_weight, target, linear_bias=None):
+        return linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, chunk_size=self.chunk_size,
+            grad_acc_dtype=self.grad_acc_dtype, logit_scale=self.logit_scale, softcap=self.softcap,
+            z_loss_scale=self.z_loss_scale, return_stats=self.return_stats,
+        )
+
+    def extra_repr(self):
+        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}")
