@@ -1,0 +1,153 @@
+"""The Transformers integration: tiny causal LMs from configs, patched vs unpatched."""
+import copy
+import functools
+import inspect
+
+import pytest
+import torch
+
+import fused_softmax_ce as fce
+from conftest import TOLERANCES, device_param
+
+transformers = pytest.importorskip("transformers")
+fce_hf = pytest.importorskip("fused_softmax_ce.integrations.transformers")
+
+V, B, T = 1000, 2, 16
+_LLAMA_LIKE = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**_LLAMA_LIKE),
+    "mistral": lambda: transformers.MistralConfig(**_LLAMA_LIKE),
+    "qwen2": lambda: transformers.Qwen2Config(**_LLAMA_LIKE),
+    "qwen3": lambda: transformers.Qwen3Config(**_LLAMA_LIKE, head_dim=16),
+    # final_logit_softcapping defaults to 30.0; the fused test sets it to None too.
+    "gemma2": lambda: transformers.Gemma2Config(**_LLAMA_LIKE, head_dim=16),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "olmo": lambda: transformers.OlmoConfig(**_LLAMA_LIKE),  # the generic path
+}
+HAS_LINEAR = hasattr(fce, "linear_cross_entropy")
+NEEDS_LINEAR = pytest.mark.skipif(not HAS_LINEAR, reason="fused_softmax_ce.linear_cross_entropy not merged yet")
+
+
+def reference_linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                                   reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                                   chunk_size=None, softcap=None):
+    """A stand-in with linear_cross_entropy's signature, to test the integration on its own."""
+    logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return fce.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+                             label_smoothing=label_smoothing)
+
+
+@pytest.fixture(params=["kernel", "reference"])
+def linear_ce(request, monkeypatch):
+    """fused_linear=True through fce.linear_cross_entropy, and through a stand-in."""
+    if request.param == "kernel" and not HAS_LINEAR:
+        pytest.skip("fused_softmax_ce.linear_cross_entropy not merged yet")
+    if request.param == "reference":
+        monkeypatch.setattr(fce, "linear_cross_entropy", reference_linear_cross_entropy, raising=False)
+    return request.param
+
+
+def make_model(name, dtype=torch.float32, device="cpu", **overrides):
+    torch.manual_seed(0)
+    config = CONFIGS[name]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    cls = transformers.OlmoForCausalLM if name == "olmo" else transformers.AutoModelForCausalLM
+    model = cls.from_config(config) if cls is transformers.AutoModelForCausalLM else cls(config)
+    return model.to(device=device, dtype=dtype)
+
+
+def batches(device, steps=3):
+    """Token batches whose labels have padding (-100) at the end of one row, as a collator makes."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, V, (B, T), generator=g)
+        labels = ids.clone()
+        labels[1, T - 5:] = -100
+        mask = torch.ones_like(ids)
+        mask[1, T - 5:] = 0
+        out.append((ids.to(device), labels.to(device), mask.to(device)))
+    return out
+
+
+def train(model, data, **call_kwargs):
+    # eps: some gradients are zero in exact arithmetic (a key bias's), and
+    # AdamW's default eps (1e-8) turns their rounding noise into whole steps.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6)
+    losses, first_grads = [], None
+    for ids, labels, mask in data:
+        kwargs = dict(call_kwargs)
+        if "num_items_in_batch" in kwargs:  # the Trainer counts the batch's target tokens
+            kwargs["num_items_in_batch"] = (labels[:, 1:] != -100).sum()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs).loss
+        loss.backward()
+        if first_grads is None:  # AdamW is blind to a gradient's scale: check it here
+            first_grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return torch.stack(losses), first_grads
+
+
+def assert_trains_alike(name, dtype, device, fused_linear, overrides=None, **call_kwargs):
+    overrides = overrides or {}
+    data = batches(device)
+    plain = make_model(name, dtype, device, **overrides)
+    patched = fce_hf.apply(copy.deepcopy(plain), fused_linear=fused_linear)
+    (expected, expected_grads), (got, grads) = train(plain, data, **call_kwargs), train(patched, data, **call_kwargs)
+    names = [name for name, _ in plain.named_parameters()]
+    if dtype == torch.float32:
+        # A step moves a parameter by up to lr = 1e-3; 3 steps' parameters
+        # agree within 1e-5 relative, give or take a thousandth of a step.
+        tolerances = {"loss": (0, 1e-5), "grad": (1e-7, 1e-5), "param": (3e-6, 1e-5)}
+    else:
+        tolerances = dict.fromkeys(("loss", "grad", "param"), TOLERANCES[dtype])
+    close = functools.partial(torch.testing.assert_close, check_dtype=False)
+    close(got.float(), expected.float(), atol=tolerances["loss"][0], rtol=tolerances["loss"][1])
+    for name, g, e in zip(names, grads, expected_grads):
+        close(g.float(), e.float(), atol=tolerances["grad"][0], rtol=tolerances["grad"][1],
+              msg=lambda m: f"grad of {name}: {m}")
+    for name, q, p in zip(names, patched.parameters(), plain.parameters()):
+        close(q.float(), p.float(), atol=tolerances["param"][0], rtol=tolerances["param"][1],
+              msg=lambda m: f"{name}: {m}")
+
+
+@device_param()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_trains_like_transformers(name, dtype, device):
+    assert_trains_alike(name, dtype, device, fused_linear=False)
+
+
+@device_param()
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_num_items_in_batch(name, device):
+    assert_trains_alike(name, torch.float32, device, fused_linear=False, num_items_in_batch=True)
+
+
+@device_param()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_linear_trains_like_transformers(name, dtype, device, linear_ce):
+    if name == "gemma2" and "softcap" not in inspect.signature(fce.linear_cross_entropy).parameters:
+        with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+            fce_hf.apply(make_model(name), fused_linear=True)
+        pytest.skip("linear_cross_entropy has no softcap option: Gemma 2 raises (checked above)")
+    assert_trains_alike(name, dtype, device, fused_linear=True)
+
+
+@device_param()
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_fused_linear_num_items_in_batch(name, device, linear_ce):
+    assert_trains_alike(name, torch.float32, device, fused_linear=True, num_items_in_batch=True)
+
+
+@device_param()
+def test_fused_linear_without_softcapping(device, linear_ce):
+    assert_trains_alike("gemma2", torch.float32, device, fused_linear=True,
+                        overrides={"final_logit_softcapping": None})
