@@ -151,3 +151,122 @@ def test_fused_linear_num_items_in_batch(name, device, linear_ce):
 def test_fused_linear_without_softcapping(device, linear_ce):
     assert_trains_alike("gemma2", torch.float32, device, fused_linear=True,
                         overrides={"final_logit_softcapping": None})
+
+
+def labelled_batch(device):
+    ids, labels, mask = batches(device, steps=1)[0]
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@device_param()
+@pytest.mark.parametrize("fused_linear", [False, True])
+def test_generate_unchanged(fused_linear, device, linear_ce):
+    model = make_model("llama", device=device).eval()
+    prompt = torch.randint(0, V, (B, 5), device=device)
+    expected = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    fce_hf.apply(model, fused_linear=fused_linear)
+    got = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+@device_param()
+def test_fused_linear_outputs(device, linear_ce):
+    model = make_model("llama", device=device)
+    batch = labelled_batch(device)
+    expected = model(**batch)
+    fce_hf.apply(model, fused_linear=True)
+    out = model(**batch)
+    assert out.logits is None  # never materialised
+    torch.testing.assert_close(out.loss, expected.loss, atol=0, rtol=1e-5)
+    # labels passed positionally, and a tuple output
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    loss, *_ = model(ids, mask, None, None, None, labels, return_dict=False)
+    torch.testing.assert_close(loss, expected.loss, atol=0, rtol=1e-5)
+    # without labels: the model's own logits
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, expected.logits)
+
+
+@device_param()
+@pytest.mark.parametrize("fused_linear", [False, True])
+def test_shift_labels_and_options(fused_linear, device, linear_ce):
+    """Precomputed shift_labels, and our options (label smoothing) passed through."""
+    batch = labelled_batch(device)
+    shift_labels = torch.nn.functional.pad(batch.pop("labels")[:, 1:], (0, 1), value=-100)
+    plain = make_model("qwen2", device=device)
+    logits = plain(**batch).logits
+    expected = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, V).double(), shift_labels.reshape(-1), label_smoothing=0.2)
+    fce_hf.apply(plain, fused_linear=fused_linear, label_smoothing=0.2)
+    # labels must be given for a loss; with shift_labels they are not read
+    got = plain(**batch, labels=torch.zeros_like(shift_labels), shift_labels=shift_labels).loss
+    torch.testing.assert_close(got.double(), expected, atol=0, rtol=1e-5)
+
+
+@device_param()
+@pytest.mark.parametrize("fused_linear", [False, True])
+def test_revert(fused_linear, device, linear_ce):
+    model = make_model("gpt2", device=device)
+    batch = labelled_batch(device)
+    before = dict(model.__dict__)
+    expected = model(**batch).loss
+    fce_hf.apply(model, fused_linear=fused_linear)
+    assert fce_hf.revert(model) is model
+    assert model.__dict__.keys() == before.keys()
+    assert model.loss_function is transformers.loss.loss_utils.ForCausalLMLoss
+    out = model(**batch)
+    assert out.loss.grad_fn.name() == expected.grad_fn.name()  # Transformers' own loss again
+    assert out.logits is not None
+    with pytest.raises(RuntimeError, match="not patched"):
+        fce_hf.revert(model)
+
+
+def test_float16_sum_does_not_overflow():
+    """With num_items_in_batch the sum is taken in float32, as Transformers' upcast does."""
+    n = 4096
+    logits = (torch.randn(1, n, V, dtype=torch.float64) * 8).to(torch.float16)
+    labels = torch.randint(0, V, (1, n))
+    loss = fce_hf.CausalLMLoss()(logits, labels, V, num_items_in_batch=torch.tensor(n - 1))
+    expected = transformers.loss.loss_utils.ForCausalLMLoss(
+        logits.double(), labels, V, num_items_in_batch=torch.tensor(n - 1))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, atol=0, rtol=TOLERANCES[torch.float16][1])
+
+
+def test_errors(monkeypatch):
+    model = make_model("llama")
+    with pytest.raises(TypeError, match="unexpected loss option 'label_smoothin'"):
+        fce_hf.apply(model, label_smoothin=0.1)
+    with pytest.raises(TypeError, match="reduction='sum' is not allowed"):
+        fce_hf.apply(model, reduction="sum")
+    with pytest.raises(TypeError, match="return_stats"):
+        fce_hf.apply(model, return_stats=True)
+    fce_hf.apply(model)
+    with pytest.raises(RuntimeError, match="already patched"):
+        fce_hf.apply(model)
+    classifier = transformers.LlamaForSequenceClassification(CONFIGS["llama"]())
+    with pytest.raises(TypeError, match="ForCausalLMLoss"):
+        fce_hf.apply(classifier)
+    with pytest.raises(TypeError, match="no loss_function hook"):
+        fce_hf.apply(torch.nn.Linear(2, 2))
+
+
+def test_fused_linear_refuses_what_it_cannot_reproduce(monkeypatch):
+    monkeypatch.setattr(fce, "linear_cross_entropy", reference_linear_cross_entropy, raising=False)
+    odd_head = make_model("llama")
+    odd_head.lm_head = torch.nn.Sequential(odd_head.lm_head)
+    with pytest.raises(TypeError, match="expected a plain torch.nn.Linear"):
+        fce_hf.apply(odd_head, fused_linear=True)
+    # Cohere multiplies the logits by logit_scale before its loss.
+    cohere = transformers.CohereForCausalLM(transformers.CohereConfig(**_LLAMA_LIKE))
+    fce_hf.apply(cohere, fused_linear=True)
+    with pytest.raises(NotImplementedError, match="transforms the lm_head's output"):
+        cohere(**labelled_batch("cpu"))
+    gemma = make_model("gemma2")
+    with pytest.raises(TypeError, match="conflicts with the model's final_logit_softcapping"):
+        fce_hf.apply(gemma, fused_linear=True, softcap=5.0)
+
+
+@pytest.mark.skipif(HAS_LINEAR, reason="linear_cross_entropy is present")
+def test_fused_linear_needs_linear_cross_entropy():
+    with pytest.raises(NotImplementedError, match="linear_cross_entropy"):
+        fce_hf.apply(make_model("llama"), fused_linear=True)
