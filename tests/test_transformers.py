@@ -1,7 +1,9 @@
 """The Transformers integration: tiny causal LMs from configs, patched vs unpatched."""
 import copy
 import functools
+import importlib.util
 import inspect
+import pathlib
 
 import pytest
 import torch
@@ -270,3 +272,16 @@ def test_fused_linear_refuses_what_it_cannot_reproduce(monkeypatch):
 def test_fused_linear_needs_linear_cross_entropy():
     with pytest.raises(NotImplementedError, match="linear_cross_entropy"):
         fce_hf.apply(make_model("llama"), fused_linear=True)
+
+
+def test_example_runs():
+    """examples/hf_causal_lm.py, made smaller still through its flags."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "hf_causal_lm.py"
+    spec = importlib.util.spec_from_file_location("hf_causal_lm", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main(["--vocab", "1000", "--seq", "32", "--steps", "2", "--device", "cpu"])
+    (expected, _), *patched = results.values()
+    assert len(patched) == (2 if HAS_LINEAR else 1)
+    for losses, _peak in patched:  # nothing is asserted about memory
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), atol=0, rtol=1e-5)
