@@ -1,0 +1,358 @@
+"""`linear_cross_entropy`: the loss straight from hidden states, never holding the N x V logits.
+
+Tokens are processed in chunks. Each chunk's logits come from one matmul; the
+fused in-place kernel turns them into the per-row loss and overwrites them with
+their gradient; two more matmuls turn that into the chunk's share of the
+input, weight and bias gradients. For reduction 'mean' and 'sum' this happens
+in the forward, so the backward only scales the gradients by grad_output; for
+'none' every row has its own grad_output, so the backward recomputes the
+chunks with the rows scaled.
+"""
+import torch
+from torch import Tensor, nn
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.nn import _reduction as _Reduction
+
+from ._ops import acc_dtype, ops
+from .functional import _dtype_name, _mean_denominator
+
+_HALF = (torch.float16, torch.bfloat16)
+# Bytes of one chunk's logits when chunk_size is not given.
+CHUNK_BUDGET_BYTES = 64 * 2**20
+
+
+def _compute_dtype(dtype, device):
+    """The matmuls' dtype: the CPU emulates bf16/fp16 GEMMs (several times slower), so half runs in fp32 there."""
+    return torch.float32 if dtype in _HALF and device.type == "cpu" else dtype
+
+
+def default_chunk_size(n_rows, n_classes, dtype, device):
+    """Rows per chunk such that one chunk's logits take about CHUNK_BUDGET_BYTES."""
+    elem = torch.empty((), dtype=_compute_dtype(dtype, device)).element_size()
+    return max(1, min(n_rows, CHUNK_BUDGET_BYTES // max(n_classes * elem, 1)))
+
+
+def _chunk_loss(logits, target, weight, grad_scale, ignore_index, label_smoothing, write_grad):
+    """Per-row loss of one chunk of logits (accumulation dtype).
+
+    With ``write_grad`` the logits are overwritten by grad_scale * dloss/dlogits.
+    The one place that calls the cross-entropy kernels, so that options of
+    the core ops reach the linear path here.
+    """
+    if write_grad:
+        return ops.ce_forward_inplace(logits, target, weight, grad_scale, ignore_index, label_smoothing)
+    return ops.ce_forward(logits, target, weight, ignore_index, label_smoothing)[0]
+
+
+@torch.library.custom_op("fused_softmax_ce::linear_ce", mutates_args=())
+def _linear_ce(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    weight: Tensor | None,
+    grad_scale: Tensor,
+    row_scale: Tensor | None,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_size: int,
+    grad_acc_dtype: torch.dtype,
+    need_input_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Loss (reduced, or per row for 'none') and, where asked for, the gradients
+    grad_scale * (row_scale *) d loss / d (input, linear_weight, linear_bias);
+    empty tensors stand for gradients not asked for.
+
+    input (N, H), linear_weight (V, H), target (N,) int64, linear_bias (V,);
+    grad_scale is one element of the accumulation dtype, row_scale (N,) or None.
+    """
+    # The matmuls run in cdt as chosen here, not in an enclosing autocast's dtype.
+    with torch.autocast(input.device.type, enabled=False):
+        return _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scale, row_scale,
+                               reduction, ignore_index, label_smoothing, chunk_size, grad_acc_dtype,
+                               need_input_grad, need_weight_grad, need_bias_grad)
+
+
+def _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scale, row_scale,
+                    reduction, ignore_index, label_smoothing, chunk_size, grad_acc_dtype,
+                    need_input_grad, need_weight_grad, need_bias_grad):
+    n, h = input.shape
+    v = linear_weight.shape[0]
+    dtype, device = input.dtype, input.device
+    cdt = _compute_dtype(dtype, device)
+    acc = acc_dtype(cdt)
+    write_grad = need_input_grad or need_weight_grad or need_bias_grad
+
+    w = linear_weight.to(cdt)
+    b = None if linear_bias is None else linear_bias.to(cdt)
+    cw = None if weight is None else weight.to(cdt)
+    loss = torch.empty(n, dtype=acc, device=device)
+    # Outputs must not alias one another: a fresh empty tensor for each gradient not asked for.
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input_grad else input.new_empty(0)
+    grad_w = torch.zeros(v, h, dtype=grad_acc_dtype, device=device) if need_weight_grad else input.new_empty(0)
+    grad_b = torch.zeros(v, dtype=grad_acc_dtype, device=device) if need_bias_grad else input.new_empty(0)
+    # One logits buffer (and one grad-input buffer when it needs a cast) reused
+    # by every chunk: no allocation, and no fresh pages to fault in, per chunk.
+    rows = max(1, min(chunk_size, n))
+    buf = torch.empty(rows, v, dtype=cdt, device=device)
+    gi_buf = torch.empty(rows, h, dtype=cdt, device=device) if need_input_grad and cdt != dtype else None
+
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        x = input[start:stop].to(cdt)
+        logits = buf[: stop - start]
+        if b is None:
+            torch.mm(x, w.t(), out=logits)
+        else:
+            torch.addmm(b, x, w.t(), out=logits)
+        loss[start:stop] = _chunk_loss(
+            logits, target[start:stop], cw, grad_scale, ignore_index, label_smoothing, write_grad
+        )
+        if not write_grad:
+            continue
+        if row_scale is not None:
+            ops.scale_grad_(logits, row_scale[start:stop])
+        if need_input_grad:
+            if gi_buf is None:
+                torch.mm(logits, w, out=grad_input[start:stop])
+            else:
+                grad_input[start:stop] = torch.mm(logits, w, out=gi_buf[: stop - start])
+        if need_weight_grad:
+            if grad_w.dtype == cdt:
+                grad_w.addmm_(logits.t(), x)
+            else:
+                grad_w += logits.t() @ x
+        if need_bias_grad:
+            grad_b += logits.sum(0, dtype=grad_b.dtype)
+    del w, buf, gi_buf
+
+    if reduction == "none":
+        out = loss
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() * grad_scale
+    return (out, grad_input,
+            grad_w.to(linear_weight.dtype) if need_weight_grad else grad_w,
+            grad_b.to(linear_bias.dtype) if need_bias_grad else grad_b)
+
+
+@_linear_ce.register_fake
+def _(input, linear_weight, target, linear_bias, weight, grad_scale, row_scale, reduction,
+      ignore_index, label_smoothing, chunk_size, grad_acc_dtype,
+      need_input_grad, need_weight_grad, need_bias_grad):
+    acc = acc_dtype(_compute_dtype(input.dtype, input.device))
+    n = input.shape[0]
+    out = input.new_empty(n if reduction == "none" else (), dtype=acc)
+    return (out,
+            torch.empty_like(input, memory_format=torch.contiguous_format) if need_input_grad else input.new_empty(0),
+            torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if need_weight_grad
+            else input.new_empty(0),
+            torch.empty_like(linear_bias) if need_bias_grad else input.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    (input, linear_weight, target, linear_bias, weight, _grad_scale, _row_scale, reduction,
+     ignore_index, label_smoothing, chunk_size, grad_acc_dtype, *_needs) = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.reduction = reduction
+    if reduction == "none":
+        # Each row has its own grad_output: the backward recomputes the chunks.
+        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
+        ctx.args = (ignore_index, label_smoothing, chunk_size, grad_acc_dtype)
+    else:
+        # The gradients were computed by the forward; the backward scales them in place.
+        ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_unused):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "linear_cross_entropy: double backward (create_graph=True) is not supported; "
+            "use the reference path, torch.nn.functional.linear_cross_entropy(..., options=None)"
+        )
+    need_input, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+    if ctx.reduction == "none":
+        input, linear_weight, target, linear_bias, weight = ctx.saved_tensors
+        ignore_index, label_smoothing, chunk_size, grad_acc_dtype = ctx.args
+        ones = torch.ones((), dtype=grad_loss.dtype, device=grad_loss.device)
+        _, gi, gw, gb = _linear_ce(
+            input, linear_weight, target, linear_bias, weight, ones, grad_loss.contiguous(), "none",
+            ignore_index, label_smoothing, chunk_size, grad_acc_dtype,
+            need_input, need_weight, need_bias,
+        )
+    else:
+        gi, gw, gb = ctx.saved_tensors
+        if isinstance(grad_loss, FunctionalTensor):
+            # Traced by AOTAutograd (torch.compile, opcheck): a backward may not
+            # mutate the forward's outputs there, so the scaling is out of place.
+            gi, gw, gb = ((g * grad_loss).to(g.dtype) for g in (gi, gw, gb))
+        else:
+            for grad, needed in ((gi, need_input), (gw, need_weight), (gb, need_bias)):
+                if needed:  # free when grad_output is the scalar 1
+                    ops.scale_grad_(grad.view(1, -1) if grad.dim() == 1 else grad,
+                                    grad_loss.to(acc_dtype(grad.dtype)))
+                    # A second backward through this graph would scale again:
+                    # bumping the version makes autograd refuse it.
+                    torch.autograd.graph.increment_version(grad)
+    return (gi if need_input else None, gw if need_weight else None, None,
+            gb if need_bias else None) + (None,) * 11
+
+
+_linear_ce.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(input, linear_weight, target, linear_bias, weight, label_smoothing):
+    """PyTorch's checks (types and messages) for what this path supports; clear refusals for the rest."""
+    if input.dim() < 1:
+        raise RuntimeError(f"expected input with dimensionality 1 or more, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(
+            f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}"
+        )
+    if linear_weight.dim() > 2:
+        raise NotImplementedError(
+            "linear_cross_entropy: K-dimensional loss (linear_weight of shape "
+            f"{tuple(linear_weight.shape)}) is not supported; expected linear_weight of shape (V, H)"
+        )
+    if input.shape[-1] != linear_weight.shape[-1]:
+        raise RuntimeError(
+            "expected equal input and linear_weight last dimensions (in_features), "
+            f"got {input.shape[-1]} and {linear_weight.shape[-1]}, respectively"
+        )
+    n_classes = linear_weight.shape[0]
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
+        raise RuntimeError(f"expected linear_bias shape {(n_classes,)}, got {tuple(linear_bias.shape)}")
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is not None and t.dtype != input.dtype:
+            raise RuntimeError(
+                f"linear_cross_entropy: {name} dtype {t.dtype} must match input dtype {input.dtype}"
+            )
+    if input.dtype not in (torch.float32, torch.float64) + _HALF:
+        raise NotImplementedError(
+            f"linear_cross_entropy: input dtype {input.dtype} is not supported; expected one of "
+            "float32, float64, float16, bfloat16"
+        )
+    if target.is_floating_point():
+        raise NotImplementedError(
+            f"linear_cross_entropy: probability targets (a {target.dtype} target of shape "
+            f"{tuple(target.shape)}) are not supported; expected int64 class indices of shape "
+            f"{tuple(input.shape[:-1])}"
+        )
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"Expected input batch_size ({tuple(input.shape[:-1])}) to match target batch_size "
+            f"({tuple(target.shape)})."
+        )
+    if target.dtype not in (torch.long, torch.uint8):
+        raise RuntimeError(
+            f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}"
+        )
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if weight is not None:
+        if weight.dim() != 1 or weight.numel() != n_classes:
+            raise RuntimeError(
+                f"weight tensor should be defined either for all {n_classes} classes or no "
+                f"classes but got weight tensor of shape: {list(weight.shape)}"
+            )
+        if weight.dtype != input.dtype:
+            raise RuntimeError(
+                f"expected scalar type {_dtype_name(input.dtype)} but found "
+                f"{_dtype_name(weight.dtype)} (weight)"
+            )
+
+
+def linear_cross_entropy(
+    input,
+    linear_weight,
+    target,
+    *,
+    linear_bias=None,
+    weight=None,
+    reduction="mean",
+    ignore_index=-100,
+    label_smoothing=0.0,
+    chunk_size=None,
+    grad_acc_dtype=None,
+):
+    """Same arguments and results as `torch.nn.functional.linear_cross_entropy`,
+    ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)``,
+    without ever holding the N x V logits.
+
+    ``input`` is (H) or (..., H) and ``target`` the matching (...) class
+    indices; ``linear_weight`` is (V, H) and ``linear_bias`` (V).
+
+    ``chunk_size``: rows of ``input`` per chunk (default: the rows whose
+    logits take ``CHUNK_BUDGET_BYTES``). ``grad_acc_dtype``: the dtype in
+    which the gradients of ``linear_weight`` and ``linear_bias`` are summed
+    over chunks; default float32 for float16/bfloat16 weights (the result is
+    rounded once, at the end), else the weight's dtype. Pass the weight's
+    own dtype to sum in it and save V x H x 4 bytes.
+    """
+    _Reduction.get_enum(reduction)  # ValueError on an unknown reduction, as PyTorch
+    if ignore_index is None:  # PyTorch's default for class-index targets
+        ignore_index = -100
+    _check(input, linear_weight, target, linear_bias, weight, label_smoothing)
+    out_dtype = input.dtype
+    if torch.is_autocast_enabled(input.device.type):
+        # As autocast runs the reference's linear: in the autocast dtype.
+        dt = torch.get_autocast_dtype(input.device.type)
+        input, linear_weight = input.to(dt), linear_weight.to(dt)
+        linear_bias = None if linear_bias is None else linear_bias.to(dt)
+        weight = None if weight is None else weight.to(dt)
+    if grad_acc_dtype is None:
+        grad_acc_dtype = torch.float32 if input.dtype in _HALF else input.dtype
+
+    loss_shape = tuple(target.shape)
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1).long()
+    n, v = x.shape[0], linear_weight.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n, v, x.dtype, x.device)
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+
+    acc = acc_dtype(_compute_dtype(x.dtype, x.device))
+    scale = torch.ones((), dtype=acc, device=x.device)
+    if reduction == "mean":
+        # 1/denominator is folded into the gradients in the accumulation dtype.
+        scale = scale / _mean_denominator(t, weight, ignore_index, v, acc)
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and reduction != "none" and p is not None and p.requires_grad
+            for p in (x, linear_weight, linear_bias)]
+    loss = _linear_ce(x, linear_weight, t, linear_bias, weight, scale, None, reduction,
+                      ignore_index, float(label_smoothing), int(chunk_size), grad_acc_dtype, *need)[0]
+    return (loss.reshape(loss_shape) if reduction == "none" else loss).to(out_dtype)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """A module for `linear_cross_entropy`: the constructor takes its keyword options
+    (weight, reduction, ignore_index, label_smoothing, chunk_size, grad_acc_dtype);
+    ``weight`` is a buffer, so ``.to()`` and ``state_dict`` carry it.
+    """
+
+    def __init__(self, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                 chunk_size=None, grad_acc_dtype=None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.chunk_size = chunk_size
+        self.grad_acc_dtype = grad_acc_dtype
+
+    def forward(self, input, linear_weight, target, linear_bias=None):
+        return linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, chunk_size=self.chunk_size,
+            grad_acc_dtype=self.grad_acc_dtype,
+        )
+
+    def extra_repr(self):
+        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}")
