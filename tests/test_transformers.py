@@ -28,14 +28,13 @@ CONFIGS = {
                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
     "olmo": lambda: transformers.OlmoConfig(**_LLAMA_LIKE),  # the generic path
 }
-HAS_LINEAR = hasattr(fce, "linear_cross_entropy")
-NEEDS_LINEAR = pytest.mark.skipif(not HAS_LINEAR, reason="fused_softmax_ce.linear_cross_entropy not merged yet")
+LINEAR_HAS_SOFTCAP = "softcap" in inspect.signature(fce.linear_cross_entropy).parameters
 
 
 def reference_linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                                    reduction="mean", ignore_index=-100, label_smoothing=0.0,
                                    chunk_size=None, softcap=None):
-    """A stand-in with linear_cross_entropy's signature, to test the integration on its own."""
+    """linear_cross_entropy's signature with a softcap option, which the kernel lacks for now."""
     logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
@@ -43,24 +42,12 @@ def reference_linear_cross_entropy(input, linear_weight, target, *, linear_bias=
                              label_smoothing=label_smoothing)
 
 
-@pytest.fixture(params=["kernel", "reference"])
-def linear_ce(request, monkeypatch):
-    """fused_linear=True through fce.linear_cross_entropy, and through a stand-in."""
-    if request.param == "kernel" and not HAS_LINEAR:
-        pytest.skip("fused_softmax_ce.linear_cross_entropy not merged yet")
-    if request.param == "reference":
-        monkeypatch.setattr(fce, "linear_cross_entropy", reference_linear_cross_entropy, raising=False)
-    return request.param
-
-
 def make_model(name, dtype=torch.float32, device="cpu", **overrides):
     torch.manual_seed(0)
     config = CONFIGS[name]()
     for key, value in overrides.items():
         setattr(config, key, value)
-    cls = transformers.OlmoForCausalLM if name == "olmo" else transformers.AutoModelForCausalLM
-    model = cls.from_config(config) if cls is transformers.AutoModelForCausalLM else cls(config)
-    return model.to(device=device, dtype=dtype)
+    return transformers.AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
 
 
 def batches(device, steps=3):
@@ -127,32 +114,41 @@ def test_trains_like_transformers(name, dtype, device):
 
 
 @device_param()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_num_items_in_batch(name, device):
-    assert_trains_alike(name, torch.float32, device, fused_linear=False, num_items_in_batch=True)
+def test_num_items_in_batch(name, dtype, device):
+    assert_trains_alike(name, dtype, device, fused_linear=False, num_items_in_batch=True)
 
 
 @device_param()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fused_linear_trains_like_transformers(name, dtype, device, linear_ce):
-    if name == "gemma2" and "softcap" not in inspect.signature(fce.linear_cross_entropy).parameters:
+def test_fused_linear_trains_like_transformers(name, dtype, device):
+    if name == "gemma2" and not LINEAR_HAS_SOFTCAP:
         with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
             fce_hf.apply(make_model(name), fused_linear=True)
-        pytest.skip("linear_cross_entropy has no softcap option: Gemma 2 raises (checked above)")
+        return
     assert_trains_alike(name, dtype, device, fused_linear=True)
 
 
 @device_param()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_fused_linear_num_items_in_batch(name, device, linear_ce):
-    assert_trains_alike(name, torch.float32, device, fused_linear=True, num_items_in_batch=True)
+def test_fused_linear_num_items_in_batch(name, dtype, device):
+    assert_trains_alike(name, dtype, device, fused_linear=True, num_items_in_batch=True)
 
 
 @device_param()
-def test_fused_linear_without_softcapping(device, linear_ce):
+def test_fused_linear_without_softcapping(device):
     assert_trains_alike("gemma2", torch.float32, device, fused_linear=True,
                         overrides={"final_logit_softcapping": None})
+
+
+@device_param()
+def test_fused_linear_softcapping_becomes_softcap(device, monkeypatch):
+    """Gemma 2's final_logit_softcapping reaches linear_cross_entropy as softcap."""
+    monkeypatch.setattr(fce, "linear_cross_entropy", reference_linear_cross_entropy)
+    assert_trains_alike("gemma2", torch.float32, device, fused_linear=True)
 
 
 def labelled_batch(device):
@@ -162,7 +158,7 @@ def labelled_batch(device):
 
 @device_param()
 @pytest.mark.parametrize("fused_linear", [False, True])
-def test_generate_unchanged(fused_linear, device, linear_ce):
+def test_generate_unchanged(fused_linear, device):
     model = make_model("llama", device=device).eval()
     prompt = torch.randint(0, V, (B, 5), device=device)
     expected = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -172,7 +168,7 @@ def test_generate_unchanged(fused_linear, device, linear_ce):
 
 
 @device_param()
-def test_fused_linear_outputs(device, linear_ce):
+def test_fused_linear_outputs(device):
     model = make_model("llama", device=device)
     batch = labelled_batch(device)
     expected = model(**batch)
@@ -190,7 +186,7 @@ def test_fused_linear_outputs(device, linear_ce):
 
 @device_param()
 @pytest.mark.parametrize("fused_linear", [False, True])
-def test_shift_labels_and_options(fused_linear, device, linear_ce):
+def test_shift_labels_and_options(fused_linear, device):
     """Precomputed shift_labels, and our options (label smoothing) passed through."""
     batch = labelled_batch(device)
     shift_labels = torch.nn.functional.pad(batch.pop("labels")[:, 1:], (0, 1), value=-100)
@@ -206,7 +202,7 @@ def test_shift_labels_and_options(fused_linear, device, linear_ce):
 
 @device_param()
 @pytest.mark.parametrize("fused_linear", [False, True])
-def test_revert(fused_linear, device, linear_ce):
+def test_revert(fused_linear, device):
     model = make_model("gpt2", device=device)
     batch = labelled_batch(device)
     before = dict(model.__dict__)
@@ -234,7 +230,7 @@ def test_float16_sum_does_not_overflow():
     torch.testing.assert_close(loss, expected, atol=0, rtol=TOLERANCES[torch.float16][1])
 
 
-def test_errors(monkeypatch):
+def test_errors():
     model = make_model("llama")
     with pytest.raises(TypeError, match="unexpected loss option 'label_smoothin'"):
         fce_hf.apply(model, label_smoothin=0.1)
@@ -253,7 +249,7 @@ def test_errors(monkeypatch):
 
 
 def test_fused_linear_refuses_what_it_cannot_reproduce(monkeypatch):
-    monkeypatch.setattr(fce, "linear_cross_entropy", reference_linear_cross_entropy, raising=False)
+    monkeypatch.setattr(fce, "linear_cross_entropy", reference_linear_cross_entropy)
     odd_head = make_model("llama")
     odd_head.lm_head = torch.nn.Sequential(odd_head.lm_head)
     with pytest.raises(TypeError, match="expected a plain torch.nn.Linear"):
@@ -268,11 +264,6 @@ def test_fused_linear_refuses_what_it_cannot_reproduce(monkeypatch):
         fce_hf.apply(gemma, fused_linear=True, softcap=5.0)
 
 
-@pytest.mark.skipif(HAS_LINEAR, reason="linear_cross_entropy is present")
-def test_fused_linear_needs_linear_cross_entropy():
-    with pytest.raises(NotImplementedError, match="linear_cross_entropy"):
-        fce_hf.apply(make_model("llama"), fused_linear=True)
-
 
 def test_example_runs():
     """examples/hf_causal_lm.py, made smaller still through its flags."""
@@ -282,6 +273,6 @@ def test_example_runs():
     spec.loader.exec_module(example)
     results = example.main(["--vocab", "1000", "--seq", "32", "--steps", "2", "--device", "cpu"])
     (expected, _), *patched = results.values()
-    assert len(patched) == (2 if HAS_LINEAR else 1)
+    assert len(patched) == 2
     for losses, _peak in patched:  # nothing is asserted about memory
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), atol=0, rtol=1e-5)

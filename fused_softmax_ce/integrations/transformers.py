@@ -52,7 +52,8 @@ def apply(model, *, fused_linear=False, **loss_options):
     """
     if hasattr(model, _STATE):
         raise RuntimeError(f"{type(model).__name__} is already patched; call revert(model) first")
-    if not isinstance(getattr(type(model), "loss_function", None), property):
+    hook = getattr(type(model), "loss_function", None)
+    if not isinstance(hook, property) or hook.fset is None:
         raise TypeError(
             f"cannot patch {type(model).__name__}: it has no loss_function hook "
             "(expected a transformers>=4.46 PreTrainedModel)"
@@ -126,7 +127,7 @@ class CausalLMLoss:
         return _reduced(
             lambda reduction: fused_softmax_ce.cross_entropy(
                 logits, target, ignore_index=ignore_index, reduction=reduction, **self.options),
-            num_items_in_batch,
+            logits.dtype, num_items_in_batch,
         )
 
 
@@ -137,15 +138,20 @@ def _shifted_labels(labels, shift_labels, ignore_index, device):
     return shift_labels.reshape(-1).to(device)
 
 
-def _reduced(loss_of, num_items_in_batch):
+def _reduced(loss_of, dtype, num_items_in_batch):
     """The mean over tokens, or the sum over num_items_in_batch (the Trainer's
-    gradient accumulation). The sum is taken in float32 from per-token losses,
-    so that a float16 sum cannot overflow."""
+    gradient accumulation), as float32 (float64 stays) like Transformers' loss.
+
+    The sum is rounded once to ``dtype``, except for float16, whose sum could
+    pass 65504: there it is taken in float32 from the per-token losses.
+    """
+    out_dtype = torch.promote_types(dtype, torch.float32)
     if num_items_in_batch is None:
-        loss = loss_of("mean")
-        return loss.to(torch.promote_types(loss.dtype, torch.float32))
-    per_token = loss_of("none")
-    total = per_token.to(torch.promote_types(per_token.dtype, torch.float32)).sum()
+        return loss_of("mean").to(out_dtype)
+    if dtype == torch.float16:
+        total = loss_of("none").to(out_dtype).sum()
+    else:
+        total = loss_of("sum").to(out_dtype)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
@@ -237,7 +243,7 @@ def _fused_forward_for(class_forward):
             lambda reduction: fused_softmax_ce.linear_cross_entropy(
                 hidden, head.weight, target, linear_bias=head.bias, ignore_index=ignore_index,
                 reduction=reduction, **options),
-            kwargs.get("num_items_in_batch"),
+            hidden.dtype, kwargs.get("num_items_in_batch"),
         )
         out = type(out)(**{**out, "loss": loss, "logits": None})
         return out if return_dict else out.to_tuple()
