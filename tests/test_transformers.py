@@ -276,3 +276,22 @@ def test_example_runs():
     assert len(patched) == 2
     for losses, _peak in patched:  # nothing is asserted about memory
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), atol=0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma2"])
+def test_parity_models_tie_embeddings(name):
+    """So the parity tests above cover tied embeddings (one weight, two gradients)."""
+    model = make_model(name)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_deepcopy_of_patched_model_is_patched_on_its_own():
+    model = fce_hf.apply(make_model("llama"), fused_linear=True)
+    clone = copy.deepcopy(model)
+    batch = labelled_batch("cpu")
+    with torch.no_grad():
+        clone.lm_head.weight.mul_(2)
+    assert clone(**batch).logits is None
+    assert not torch.allclose(clone(**batch).loss, model(**batch).loss)
+    fce_hf.revert(clone)
+    assert model(**batch).logits is None  # the original is still patched
