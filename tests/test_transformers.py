@@ -83,11 +83,11 @@ def train(model, data, **call_kwargs):
     return torch.stack(losses), first_grads
 
 
-def assert_trains_alike(name, dtype, device, fused_linear, overrides=None, **call_kwargs):
-    overrides = overrides or {}
+def assert_trains_alike(name, dtype, device, fused_linear, overrides=None, options=None, **call_kwargs):
+    """3 AdamW steps of the model as Transformers trains it and patched with apply(), from the same weights."""
     data = batches(device)
-    plain = make_model(name, dtype, device, **overrides)
-    patched = fce_hf.apply(copy.deepcopy(plain), fused_linear=fused_linear)
+    plain = make_model(name, dtype, device, **(overrides or {}))
+    patched = fce_hf.apply(copy.deepcopy(plain), fused_linear=fused_linear, **(options or {}))
     (expected, expected_grads), (got, grads) = train(plain, data, **call_kwargs), train(patched, data, **call_kwargs)
     names = [name for name, _ in plain.named_parameters()]
     if dtype == torch.float32:
@@ -118,6 +118,13 @@ def test_trains_like_transformers(name, dtype, device):
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_num_items_in_batch(name, dtype, device):
     assert_trains_alike(name, dtype, device, fused_linear=False, num_items_in_batch=True)
+
+
+@device_param()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_option(dtype, device):
+    assert_trains_alike("llama", dtype, device, fused_linear=False, options={"inplace_backward": True},
+                        num_items_in_batch=True)
 
 
 @device_param()
