@@ -17,8 +17,6 @@ from ._ops import acc_dtype, ops
 from .functional import _dtype_name, _mean_denominator
 
 _HALF = (torch.float16, torch.bfloat16)
-# Bytes of one chunk's logits when chunk_size is not given.
-CHUNK_BUDGET_BYTES = 64 * 2**20
 
 
 def _compute_dtype(dtype, device):
@@ -26,10 +24,15 @@ def _compute_dtype(dtype, device):
     return torch.float32 if dtype in _HALF and device.type == "cpu" else dtype
 
 
-def default_chunk_size(n_rows, n_classes, dtype, device):
-    """Rows per chunk such that one chunk's logits take about CHUNK_BUDGET_BYTES."""
-    elem = torch.empty((), dtype=_compute_dtype(dtype, device)).element_size()
-    return max(1, min(n_rows, CHUNK_BUDGET_BYTES // max(n_classes * elem, 1)))
+def default_chunk_size(n_rows, hidden, n_classes):
+    """Rows per chunk whose logits take about as much memory as the input (N x H).
+
+    Each chunk streams the whole weight and its gradient, so time grows with
+    the number of chunks and memory with their size; this is PyTorch's own
+    aspect-ratio rule (LinearCrossEntropyOptions), rounded up to a power of two.
+    """
+    rows = -(-n_rows // -(-n_classes // max(hidden, 1)))
+    return max(1, min(n_rows, 1 << max(rows - 1, 0).bit_length()))
 
 
 def _chunk_loss(logits, target, weight, grad_scale, ignore_index, label_smoothing, write_grad):
@@ -157,7 +160,9 @@ def _(input, linear_weight, target, linear_bias, weight, grad_scale, row_scale, 
 def _setup_context(ctx, inputs, output):
     (input, linear_weight, target, linear_bias, weight, _grad_scale, _row_scale, reduction,
      ignore_index, label_smoothing, chunk_size, grad_acc_dtype, *_needs) = inputs
+    # The gradient outputs get no gradient: no V x H zeros made for them in the backward.
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     if reduction == "none":
         # Each row has its own grad_output: the backward recomputes the chunks.
@@ -286,8 +291,8 @@ def linear_cross_entropy(
     ``input`` is (H) or (..., H) and ``target`` the matching (...) class
     indices; ``linear_weight`` is (V, H) and ``linear_bias`` (V).
 
-    ``chunk_size``: rows of ``input`` per chunk (default: the rows whose
-    logits take ``CHUNK_BUDGET_BYTES``). ``grad_acc_dtype``: the dtype in
+    ``chunk_size``: rows of ``input`` per chunk; the default gives a chunk's
+    logits about the input's size (see `default_chunk_size`). ``grad_acc_dtype``: the dtype in
     which the gradients of ``linear_weight`` and ``linear_bias`` are summed
     over chunks; default float32 for float16/bfloat16 weights (the result is
     rounded once, at the end), else the weight's dtype. Pass the weight's
@@ -312,7 +317,7 @@ def linear_cross_entropy(
     t = target.reshape(-1).long()
     n, v = x.shape[0], linear_weight.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk_size(n, v, x.dtype, x.device)
+        chunk_size = default_chunk_size(n, x.shape[1], v)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
 
