@@ -91,18 +91,21 @@ def assert_trains_alike(name, dtype, device, fused_linear, overrides=None, optio
     (expected, expected_grads), (got, grads) = train(plain, data, **call_kwargs), train(patched, data, **call_kwargs)
     names = [name for name, _ in plain.named_parameters()]
     if dtype == torch.float32:
-        # A step moves a parameter by up to lr = 1e-3; 3 steps' parameters
-        # agree within 1e-5 relative, give or take a thousandth of a step.
-        tolerances = {"loss": (0, 1e-5), "grad": (1e-7, 1e-5), "param": (3e-6, 1e-5)}
+        # Gradients: within 1e-5 of each tensor's largest (sums over tokens and
+        # chunks round in a different order). Parameters: 1e-5 relative, give
+        # or take 1% of one step (lr = 1e-3), as AdamW divides each gradient
+        # entry by its own size and so magnifies rounding in the small ones.
+        loss_tol, grad_tol, param_tol = (0, 1e-5), 1e-5, (1e-5, 1e-5)
     else:
-        tolerances = dict.fromkeys(("loss", "grad", "param"), TOLERANCES[dtype])
+        loss_tol = param_tol = TOLERANCES[dtype]
+        grad_tol = TOLERANCES[dtype][1]
     close = functools.partial(torch.testing.assert_close, check_dtype=False)
-    close(got.float(), expected.float(), atol=tolerances["loss"][0], rtol=tolerances["loss"][1])
+    close(got.float(), expected.float(), atol=loss_tol[0], rtol=loss_tol[1])
     for name, g, e in zip(names, grads, expected_grads):
-        close(g.float(), e.float(), atol=tolerances["grad"][0], rtol=tolerances["grad"][1],
-              msg=lambda m: f"grad of {name}: {m}")
+        atol = grad_tol * e.abs().max().item() + 1e-9
+        close(g.float(), e.float(), atol=atol, rtol=grad_tol, msg=lambda m: f"grad of {name}: {m}")
     for name, q, p in zip(names, patched.parameters(), plain.parameters()):
-        close(q.float(), p.float(), atol=tolerances["param"][0], rtol=tolerances["param"][1],
+        close(q.float(), p.float(), atol=param_tol[0], rtol=param_tol[1],
               msg=lambda m: f"{name}: {m}")
 
 
