@@ -8,7 +8,6 @@ prints a table, and draws a PNG from the CSV (bench/plot.py).
 """
 import argparse
 import csv
-import ctypes
 import datetime
 import os
 import pathlib
@@ -64,9 +63,6 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            # Hand freed heap pages back first: memory that malloc kept from an
-            # earlier measurement would be reused without raising the RSS.
-            ctypes.CDLL(None).malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
             self.base = self._rss("VmRSS")
