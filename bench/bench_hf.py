@@ -18,7 +18,8 @@ import sys
 import torch
 import transformers
 
-from bench import RESULTS, PeakMemory, device_name, timed
+from bench import RESULTS, device_name, timed
+from memory import PeakMemory
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 from hf_causal_lm import DTYPES, build_model, synthetic_batches  # noqa: E402

@@ -4,8 +4,8 @@ Builds a Llama from its config (random weights, nothing downloaded), trains it
 for a few AdamW steps on synthetic tokens as Transformers does it, then with
 `apply(model)` and, when this build has linear_cross_entropy, with
 `apply(model, fused_linear=True)`, from the same seed. Prints the losses and
-the peak memory of a training step (CUDA's allocator, or the process's RSS
-high-water mark on the CPU).
+the peak memory of a training step (CUDA's allocator, or on the CPU the peak
+of live tensor bytes, bench/memory.py).
 
     python examples/hf_causal_lm.py                       # quick (seconds)
     python examples/hf_causal_lm.py --vocab 128256 --seq 1024 --steps 5
@@ -21,7 +21,7 @@ import fused_softmax_ce as fce
 from fused_softmax_ce.integrations import transformers as fce_hf
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
-from bench import PeakMemory  # noqa: E402  (the benchmark's peak-memory meter)
+from memory import PeakMemory  # noqa: E402  (the benchmark's peak-memory meter)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
