@@ -16,7 +16,7 @@ endif
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 STAMP := build/.installed
 
-.PHONY: test bench bench-full setup clean
+.PHONY: test bench bench-full bench-linear setup clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(PY) bench/bench.py --full
+
+# linear_cross_entropy against F.linear_cross_entropy (heavy on a small CPU: tens of minutes)
+bench-linear: $(STAMP)
+	$(PY) bench/bench_linear.py
 
 clean:
 	rm -rf build *.egg-info fused_softmax_ce/_C*.so

@@ -17,6 +17,7 @@ the returned gradients included. On CUDA it is the caching allocator's peak.
 
     python bench/bench_linear.py            # (N, H, V) = (4096, 1024, 32000) and (2048, 1024, 128256)
     python bench/bench_linear.py --reps 1   # fewer calls per measurement
+    python bench/bench_linear.py --shapes 2048,1024,128256 --dtypes bf16 --providers fused_linear --append
 """
 import argparse
 import csv
@@ -89,12 +90,14 @@ def plot_memory(csv_path):
     csv_path = pathlib.Path(csv_path)
     rows = list(csv.DictReader(open(csv_path)))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for provider in sorted({r["provider"] for r in rows}):
+    # One colour and marker per provider, one line style per dtype; overlapping lines stay visible.
+    for i, provider in enumerate(sorted({r["provider"] for r in rows})):
         for dtype, style in (("fp32", "-"), ("bf16", "--")):
             pts = sorted((int(r["n_classes"]), float(r["peak_mem_mb"])) for r in rows
                          if r["provider"] == provider and r["dtype"] == dtype)
             if pts:
-                ax.plot(*zip(*pts), style, marker="o", label=f"{provider} {dtype}")
+                ax.plot(*zip(*pts), style, color=f"C{i}", marker="os^"[i % 3], markersize=9 - 2 * i,
+                        label=f"{provider} {dtype}")
     ax.set_xlabel("V (classes); N = 4096 at V = 32000, 2048 at V = 128256; H = 1024")
     ax.set_ylabel("peak memory over the inputs (MB), lower is better")
     first = rows[0]
@@ -112,6 +115,9 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=2, help="forward+backward calls per measurement")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES), help="N,H,V;N,H,V")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in the CSV")
     parser.add_argument("--out", default=None, help="CSV path (default: bench/results/<device>-<name>-<date>-linear.csv)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a CPU subprocess's measurement
     args = parser.parse_args()
@@ -125,9 +131,9 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")[:40]
     out = pathlib.Path(args.out) if args.out else RESULTS / f"{device}-{slug}-{date}-linear.csv"
-    rows = []
-    for n, h, v in SHAPES:
-        for dtype_name in DTYPES:
+    rows = list(csv.DictReader(open(out))) if args.append and out.exists() else []
+    for n, h, v in (map(int, shape.split(",")) for shape in args.shapes.split(";")):
+        for dtype_name in args.dtypes.split(","):
             elem = torch.empty((), dtype=DTYPES[dtype_name]).element_size()
             for provider in args.providers.split(","):
                 ms, peak, copy = measure(provider, n, h, v, dtype_name, device, args.reps)

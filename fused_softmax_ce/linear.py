@@ -8,6 +8,8 @@ in the forward, so the backward only scales the gradients by grad_output; for
 'none' every row has its own grad_output, so the backward recomputes the
 chunks with the rows scaled.
 """
+from typing import Optional, Tuple
+
 import torch
 from torch import Tensor, nn
 from torch._subclasses.functional_tensor import FunctionalTensor
@@ -52,10 +54,10 @@ def _linear_ce(
     input: Tensor,
     linear_weight: Tensor,
     target: Tensor,
-    linear_bias: Tensor | None,
-    weight: Tensor | None,
+    linear_bias: Optional[Tensor],
+    weight: Optional[Tensor],
     grad_scale: Tensor,
-    row_scale: Tensor | None,
+    row_scale: Optional[Tensor],
     reduction: str,
     ignore_index: int,
     label_smoothing: float,
@@ -64,7 +66,7 @@ def _linear_ce(
     need_input_grad: bool,
     need_weight_grad: bool,
     need_bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Loss (reduced, or per row for 'none') and, where asked for, the gradients
     grad_scale * (row_scale *) d loss / d (input, linear_weight, linear_bias);
     empty tensors stand for gradients not asked for.
@@ -296,7 +298,9 @@ def linear_cross_entropy(
     which the gradients of ``linear_weight`` and ``linear_bias`` are summed
     over chunks; default float32 for float16/bfloat16 weights (the result is
     rounded once, at the end), else the weight's dtype. Pass the weight's
-    own dtype to sum in it and save V x H x 4 bytes.
+    own dtype to sum in it: less accurate, and V x H x 4 bytes less where
+    the matmuls run in that dtype (not on the CPU, which multiplies half
+    precision in fp32).
     """
     _Reduction.get_enum(reduction)  # ValueError on an unknown reduction, as PyTorch
     if ignore_index is None:  # PyTorch's default for class-index targets

@@ -230,6 +230,7 @@ def test_opcheck(device):
 
 @device_param()
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")  # by disabling the caches, on purpose
 def test_compile_fullgraph(device, reduction):
     torch._dynamo.reset()
 
@@ -300,3 +301,16 @@ def test_module(device):
     assert "weight" in loss_fn.state_dict()
     assert_close(loss_fn(x, w, y, b), reference64(x, w, b, y, reduction="sum", **kw)[0], torch.float32)
     assert "chunk_size=3" in repr(loss_fn)
+
+
+def test_backward_allocates_nothing_weight_sized():
+    """The gradients are made by the forward; the backward only scales them in place."""
+    x, w, b, y, kw = make_case(16, 32, 400, torch.float32, "cpu", False, 0.0, False, True)
+    loss = fce.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        grads = torch.autograd.grad(loss * 2, (x, w, b))
+    largest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    assert largest < w.numel() * w.element_size() // 4
+    expected = torch.autograd.grad(F.linear_cross_entropy(x, w, y, linear_bias=b) * 2, (x, w, b))
+    for g, e in zip(grads, expected):
+        assert_close(g, e, torch.float32)
