@@ -3,7 +3,8 @@
 # build tools, and build the extension in place.
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
-DEPS := $(TORCH_SPEC) ninja pybind11 pytest numpy matplotlib
+TRANSFORMERS_SPEC ?= transformers==5.23.0
+DEPS := $(TORCH_SPEC) ninja pybind11 pytest numpy matplotlib $(TRANSFORMERS_SPEC)
 export CUDA_HOME ?= /usr/local/cuda
 
 ifdef VIRTUAL_ENV

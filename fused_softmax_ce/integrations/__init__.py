@@ -1,0 +1,1 @@
+"""Integrations with training libraries; each submodule imports its library on demand."""
