@@ -69,12 +69,6 @@ def apply(model, *, fused_linear=False, **loss_options):
         _check_head(model)
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap is not None:
-            if "softcap" not in inspect.signature(loss_fn).parameters:
-                raise NotImplementedError(
-                    f"{type(model).__name__} has final_logit_softcapping={cap}, but this "
-                    "fused_softmax_ce's linear_cross_entropy has no softcap option; "
-                    "use fused_linear=False"
-                )
             if "softcap" in options:
                 raise TypeError(
                     f"loss option softcap={options['softcap']} conflicts with the model's "
