@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 import fused_softmax_ce as fce
-from conftest import DEVICES, assert_close, device_param, random_logits, random_targets, reference
+from conftest import DEVICES, assert_close, device_param, random_logits, random_targets
 
 ops = torch.ops.fused_softmax_ce
 
