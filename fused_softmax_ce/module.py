@@ -9,7 +9,7 @@ class CrossEntropyLoss(nn.Module):
     """Same constructor and results as `torch.nn.CrossEntropyLoss`.
 
     ``weight`` is a buffer, so ``.to()`` and ``state_dict`` carry it. The
-    keyword-only ``inplace_backward`` is passed to `cross_entropy`.
+    keyword-only ``inplace_backward`` and ``process_group`` are passed to `cross_entropy`.
     """
 
     __constants__ = ["ignore_index", "reduction", "label_smoothing", "inplace_backward"]
@@ -24,6 +24,7 @@ class CrossEntropyLoss(nn.Module):
         label_smoothing=0.0,
         *,
         inplace_backward=False,
+        process_group=None,
     ):
         super().__init__()
         if size_average is not None or reduce is not None:
@@ -33,6 +34,7 @@ class CrossEntropyLoss(nn.Module):
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.inplace_backward = inplace_backward
+        self.process_group = process_group
 
     def forward(self, input, target):
         return cross_entropy(
@@ -43,6 +45,7 @@ class CrossEntropyLoss(nn.Module):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             inplace_backward=self.inplace_backward,
+            process_group=self.process_group,
         )
 
     def extra_repr(self):
