@@ -15,7 +15,7 @@ endif
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 STAMP := build/.installed
 
-.PHONY: test bench bench-full setup clean
+.PHONY: test bench bench-full bench-vocab-parallel setup clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,9 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(PY) bench/bench.py --full
+
+bench-vocab-parallel: $(STAMP)
+	$(PY) bench/bench_vocab_parallel.py
 
 clean:
 	rm -rf build *.egg-info fused_softmax_ce/_C*.so
