@@ -61,7 +61,7 @@ class MegatronCE(torch.autograd.Function):
 def bytes_per_rank(provider, n, world):
     """(collectives, payload, ring-sent) bytes per rank per forward (fp32 logits, index targets)."""
     if provider == "fused":
-        payload = 2 * 8 + 3 * n * 8  # the size check (2 int64), then (lse, loss, A) in float64
+        payload = 2 * 8 + n * (8 + 2 * 4)  # the size check (2 int64), then lse (float64), loss and A (float32)
         return 2, payload, (world - 1) * payload
     payload = 3 * n * 4  # three all-reduces of N fp32 values
     return 3, payload, round(2 * (world - 1) / world * payload)

@@ -21,8 +21,10 @@ the whole row, which is dloss/dz of the shard exactly.
 
 Per forward: one all_gather of 2 int64 (the shard sizes and row count, so
 that a disagreement fails clearly instead of crashing the collective) and
-one all_gather of float64 (3 R values per rank, 5 R with stats, 7 R with
-stats and probability targets, +1 with class weights); none in the backward.
+one all_gather of float64 slots: per row lse_k, and (L_k, A_k) in the
+accumulation type (one slot for float32, two for float64), so 16 R bytes per
+rank (24 R for float64 logits); +16 R with stats, +16 R more with stats and
+probability targets, +8 with class weights. None in the backward.
 """
 import math
 
@@ -120,7 +122,10 @@ def _gather_rows(x3, target, weight, options, stats, group, offset, total):
     ignore_index, label_smoothing = options[:2]
     loss_k, lse_k, pred, target_pred = ops.ce_forward(x3, target, weight, *options, stats, offset, total)
     A_k, w_y = _shard_coefficient(target, weight, label_smoothing, ignore_index, offset, total, x3)
-    cols = [lse_k, loss_k.double(), A_k]
+    # (L_k, A_k) travel in the accumulation type, the kernels' own precision:
+    # for float32 the pair is one float64 slot. lse_k and the stats are float64.
+    pair = torch.stack([loss_k, A_k.to(loss_k.dtype)], 1).view(torch.float64).reshape(-1)
+    cols = []
     if stats:
         cols += [_value_at(x3, pred - offset, options), pred.double()]
         if target.is_floating_point():
@@ -128,23 +133,25 @@ def _gather_rows(x3, target, weight, options, stats, group, offset, total):
             cols += [t_max.double(), target_pred.double()]
     rows = lse_k.numel()
     extra = [w_y.sum().reshape(1)] if w_y is not None and weight is not None else []
-    payload = torch.cat([torch.stack(cols).reshape(-1)] + extra)
+    payload = torch.cat([lse_k, pair] + cols + extra)
     world = dist.get_world_size(group)
     every = payload.new_empty(world, payload.numel())
     dist.all_gather_single(every, payload.unsqueeze(0), group=group)
-    per_row = every[:, : len(cols) * rows].reshape(world, len(cols), rows)
-    lse_all, loss_all, A_all = per_row[:, 0], per_row[:, 1], per_row[:, 2]
+    lse_all = every[:, :rows]
+    pairs = every[:, rows:rows + pair.numel()].view(loss_k.dtype).reshape(world, rows, 2).double()
+    loss_all, A_all = pairs[..., 0], pairs[..., 1]
+    per_row = every[:, rows + pair.numel():rows + pair.numel() + len(cols) * rows].reshape(world, len(cols), rows)
     lse = torch.logsumexp(lse_all, 0)
     if not target.is_floating_point():
         lse = torch.where(target != ignore_index, lse, 0.0)  # the kernels' 0 for ignored rows
     # A shard whose A_k is 0 adds nothing, also where its lse_k is -inf.
     shift = torch.where(A_all != 0, A_all * (lse - lse_all), 0.0)
     loss = (loss_all.sum(0) + shift.sum(0)).to(loss_k.dtype)
-    A_rest = A_all.sum(0) - A_k
+    A_rest = A_all.sum(0) - A_all[dist.get_rank(group)]
     if stats:
-        pred = _first_max(per_row[:, 3], per_row[:, 4]).long()
+        pred = _first_max(per_row[:, 0], per_row[:, 1]).long()
         if target.is_floating_point():
-            target_pred = _first_max(per_row[:, 5], per_row[:, 6]).long()
+            target_pred = _first_max(per_row[:, 2], per_row[:, 3]).long()
     w_y_sum = every[:, -1].sum() if extra else None
     return loss, lse, A_rest, pred, target_pred, w_y_sum
 
