@@ -30,7 +30,6 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from . import _derivatives as D
 from ._checks import check_common, check_index_target, check_index_weight_dtype, check_inplace, check_llm_options, dtype_name
@@ -156,6 +155,16 @@ def _gather_rows(x3, target, weight, options, stats, group, offset, total):
     return loss, lse, A_rest, pred, target_pred, w_y_sum
 
 
+def _refuse_create_graph():
+    # The gradient is computed by the kernel, not by differentiable ops: a
+    # second-order term through it would silently be zero.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "cross_entropy with process_group does not support higher-order gradients "
+            "(create_graph=True); its gradient is not itself differentiable"
+        )
+
+
 class VocabParallelFn(torch.autograd.Function):
     """(loss_rows, lse, pred, target_pred, w_y_sum) of the global rows; the
     gradient reaches this rank's logits and probability-target shard."""
@@ -173,8 +182,8 @@ class VocabParallelFn(torch.autograd.Function):
         return loss, lse, pred, target_pred, w_y_sum
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, grad_lse, *_):
+        _refuse_create_graph()
         x3, target, weight, lse, A_rest = ctx.saved_tensors
         none = (None,) * 6
         if weight is not None and ctx.needs_input_grad[2]:
@@ -230,8 +239,8 @@ class InplaceVocabParallelFn(torch.autograd.Function):
         return loss, z_loss, lse, pred, target_pred
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, *_):
+        _refuse_create_graph()
         if ctx.backward_done:
             raise RuntimeError(
                 "Trying to backward through the graph a second time: cross_entropy with "

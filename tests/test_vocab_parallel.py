@@ -122,6 +122,9 @@ def check_errors(sizes, rank, group):
     bad = torch.full((4,), total)  # one past the last class
     with pytest.raises(IndexError):
         fused_softmax_ce.cross_entropy(x, bad, process_group=group)
+    loss = fused_softmax_ce.cross_entropy(x.requires_grad_(), bad % total, process_group=group)
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(loss, x, create_graph=True)
     # Rank 0 holds one row more than the others.
     rows = 5 if rank == 0 else 4
     x = random_logits((rows, sizes[rank]), torch.float64, "cpu")
