@@ -57,9 +57,10 @@ def shard_of(group, n_classes, rows, device):
     are read to the host once per (group, local class count) and cached.
     """
     world = dist.get_world_size(group)
-    mine = torch.tensor([n_classes, rows], dtype=torch.long).to(device)
+    mine = torch.full((1, 2), rows, dtype=torch.long, device=device)  # fills, not a host copy
+    mine[0, 0] = n_classes
     every = mine.new_empty(world, 2)
-    dist.all_gather_single(every, mine.unsqueeze(0), group=group)
+    dist.all_gather_single(every, mine, group=group)
     key = (group, n_classes)
     if key not in _SHARDS:
         sizes = every.tolist()  # once per key: the only host read
@@ -79,7 +80,7 @@ def shard_of(group, n_classes, rows, device):
         _SHARDS[key] = (sum(classes[:rank]), sum(classes), every[:, 0].clone())
     offset, total, classes = _SHARDS[key]
     torch._assert_async(
-        (every[:, 1] == rows).all() & (every[:, 0] == classes.to(device)).all(),
+        (every[:, 1] == rows).all() & (every[:, 0] == classes).all(),
         "vocab-parallel cross_entropy: the ranks of process_group disagree on the number of rows, "
         "or their class slices changed since they were first seen",
     )
