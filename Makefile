@@ -16,7 +16,7 @@ endif
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 STAMP := build/.installed
 
-.PHONY: test bench bench-full bench-linear setup clean
+.PHONY: test bench bench-full bench-linear bench-vocab-parallel setup clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,9 @@ bench-full: $(STAMP)
 # linear_cross_entropy against F.linear_cross_entropy (heavy on a small CPU: tens of minutes)
 bench-linear: $(STAMP)
 	$(PY) bench/bench_linear.py
+
+bench-vocab-parallel: $(STAMP)
+	$(PY) bench/bench_vocab_parallel.py
 
 clean:
 	rm -rf build *.egg-info fused_softmax_ce/_C*.so

@@ -44,6 +44,7 @@ def cross_entropy(
     softcap=None,
     z_loss_scale=0.0,
     return_stats=False,
+    process_group=None,
 ):
     """Same arguments and results as `torch.nn.functional.cross_entropy`.
 
@@ -58,10 +59,18 @@ def cross_entropy(
     - ``z_loss_scale``: adds ``z_loss_scale * lse**2`` per row not ignored,
       unweighted; ``mean`` divides it by the number of such rows.
     - ``return_stats``: return `CrossEntropyStats(loss, z_loss, lse, accuracy)`.
+    - ``process_group``: vocab parallel; ``input`` (and ``weight``, and a
+      probability target) hold this rank's contiguous slice of the classes,
+      see `fused_softmax_ce.vocab_parallel`.
     """
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     _Reduction.get_enum(reduction)  # ValueError on an unknown reduction, as PyTorch
+    if process_group is not None:
+        from .vocab_parallel import vocab_parallel_cross_entropy  # it imports this module's helpers
+        return vocab_parallel_cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward,
+            logit_scale, softcap, z_loss_scale, return_stats, process_group)
     check_common(input, weight, label_smoothing)
     check_llm_options(logit_scale, softcap, z_loss_scale)
     # PyTorch runs cross_entropy in float32 under autocast. The kernels read

@@ -10,7 +10,7 @@ class CrossEntropyLoss(nn.Module):
 
     ``weight`` is a buffer, so ``.to()`` and ``state_dict`` carry it. The
     keyword-only extras (``inplace_backward``, ``logit_scale``, ``softcap``,
-    ``z_loss_scale``, ``return_stats``) are passed to `cross_entropy`.
+    ``z_loss_scale``, ``return_stats``, ``process_group``) are passed to `cross_entropy`.
     """
 
     __constants__ = ["ignore_index", "reduction", "label_smoothing", "inplace_backward", "logit_scale",
@@ -30,6 +30,7 @@ class CrossEntropyLoss(nn.Module):
         softcap=None,
         z_loss_scale=0.0,
         return_stats=False,
+        process_group=None,
     ):
         super().__init__()
         if size_average is not None or reduce is not None:
@@ -43,6 +44,7 @@ class CrossEntropyLoss(nn.Module):
         self.softcap = softcap
         self.z_loss_scale = z_loss_scale
         self.return_stats = return_stats
+        self.process_group = process_group
 
     def forward(self, input, target):
         return cross_entropy(
@@ -57,6 +59,7 @@ class CrossEntropyLoss(nn.Module):
             softcap=self.softcap,
             z_loss_scale=self.z_loss_scale,
             return_stats=self.return_stats,
+            process_group=self.process_group,
         )
 
     def extra_repr(self):

@@ -542,7 +542,7 @@ void scale_rows(const CEParams& p) {
 int64_t first_invalid_target(const CEParams& p) {
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t y = p.target_index[r];
-    if (y != p.ignore_index && (y < 0 || y >= p.classes)) return r;
+    if (y != p.ignore_index && (y < 0 || y >= p.total_classes)) return r;
   }
   return -1;
 }

@@ -1,0 +1,157 @@
+"""Vocab-parallel cross-entropy on the CPU (gloo, spawned ranks on loopback):
+ours (process_group=...) against a Megatron-style baseline written with torch
+ops (max all-reduce, sum-exp all-reduce, target-logit all-reduce).
+
+Writes bench/results/vocab-parallel-<device>-<date>.csv: per world size,
+provider and mode, the time per rank (the slowest rank's median) and the
+bytes each rank puts into collectives per forward: `payload_bytes` (the
+tensors it contributes) and `sent_bytes` (what a ring algorithm sends:
+(W-1) x payload for an all_gather, 2 (W-1)/W x payload for an all-reduce).
+
+    python bench/bench_vocab_parallel.py [--rows 2048] [--classes 32768] [--worlds 2 4]
+"""
+import argparse
+import csv
+import datetime
+import multiprocessing
+import pathlib
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import fused_softmax_ce as fce
+from bench import RESULTS, device_name
+
+COLUMNS = ["device_name", "torch_version", "date", "world_size", "dtype", "n_rows", "n_classes", "provider",
+           "mode", "median_ms", "collectives", "payload_bytes", "sent_bytes"]
+
+
+class MegatronCE(torch.autograd.Function):
+    """Megatron-LM's vocab_parallel_cross_entropy, in torch ops: 3 all-reduces
+    of N values, the softmax of the shard saved for the backward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, lo, group):
+        m = logits.max(1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        z = logits - m.unsqueeze(1)
+        absent = (target < lo) | (target >= lo + logits.shape[1])
+        local = (target - lo).clamp(0, logits.shape[1] - 1)
+        z_y = z.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill(absent, 0.0)
+        dist.all_reduce(z_y, group=group)
+        exp = z.exp_()
+        s = exp.sum(1)
+        dist.all_reduce(s, group=group)
+        exp.div_(s.unsqueeze(1))
+        ctx.save_for_backward(exp, local, absent)
+        return (s.log() - z_y).mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, local, absent = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(1, local.unsqueeze(1), (absent.to(grad.dtype) - 1).unsqueeze(1))
+        return grad.mul_(g / grad.shape[0]), None, None, None
+
+
+def bytes_per_rank(provider, n, world):
+    """(collectives, payload, ring-sent) bytes per rank per forward (fp32 logits, index targets)."""
+    if provider == "fused":
+        payload = 2 * 8 + n * (8 + 2 * 4)  # the size check (2 int64), then lse (float64), loss and A (float32)
+        return 2, payload, (world - 1) * payload
+    payload = 3 * n * 4  # three all-reduces of N fp32 values
+    return 3, payload, round(2 * (world - 1) / world * payload)
+
+
+def worker(rank, world, port, args, results):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    group = dist.group.WORLD
+    torch.manual_seed(0)
+    sizes = [args.classes // world + (1 if r < args.classes % world else 0) for r in range(world)]
+    lo = sum(sizes[:rank])
+    base = torch.randn(args.rows, sizes[rank])
+    target = torch.randint(0, args.classes, (args.rows,))
+    providers = {
+        "fused": lambda x: fce.cross_entropy(x, target, process_group=group),
+        "megatron": lambda x: MegatronCE.apply(x, target, lo, group),
+    }
+    # The two agree (a benchmark of a wrong baseline would mean nothing).
+    torch.testing.assert_close(providers["fused"](base), providers["megatron"](base.clone()))
+    out = {}
+    for provider, fn in providers.items():
+        for mode in ("fwd", "fwd+bwd"):
+            times = []
+            for rep in range(args.reps + 1):
+                x = base.clone().requires_grad_(mode != "fwd")
+                dist.barrier(group)
+                t0 = time.perf_counter()
+                loss = fn(x)
+                if mode != "fwd":
+                    loss.backward()
+                times.append((time.perf_counter() - t0) * 1e3)
+            out[(provider, mode)] = statistics.median(times[1:])  # the first is a warm-up
+    results.put(out)
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_world(world, args):
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, args, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        per_rank = [results.get(timeout=600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return {key: max(r[key] for r in per_rank) for key in per_rank[0]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--classes", type=int, default=32768)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    name, date = device_name("cpu"), datetime.date.today().isoformat()
+    slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")[:40]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"vocab-parallel-cpu-{slug}-{date}.csv"
+    rows = []
+    for world in args.worlds:
+        times = run_world(world, args)
+        for (provider, mode), ms in times.items():
+            collectives, payload, sent = bytes_per_rank(provider, args.rows, world)
+            rows.append(dict(device_name=name, torch_version=torch.__version__, date=date, world_size=world,
+                             dtype="fp32", n_rows=args.rows, n_classes=args.classes, provider=provider,
+                             mode=mode, median_ms=f"{ms:.2f}", collectives=collectives,
+                             payload_bytes=payload, sent_bytes=sent))
+            print(f"world {world} {provider:9s} {mode:8s} {ms:9.2f} ms  {collectives} collectives, "
+                  f"payload {payload} B, sent {sent} B per rank", file=sys.stderr, flush=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"CSV: {out}")
+
+
+if __name__ == "__main__":
+    main()

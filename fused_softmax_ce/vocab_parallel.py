@@ -1,0 +1,338 @@
+"""Vocab-parallel cross-entropy: the classes of every row sharded across the
+ranks of a torch.distributed process group.
+
+Rank k holds the contiguous classes [offset_k, offset_k + C_k) of every row
+(in rank order); targets are global class indices. The kernels run on the
+shard with its global offset, which gives per row the shard's lse_k, its loss
+L_k computed against lse_k, and the shard's part of
+A = coef_y + k * sum_a (csrc/row_math.h):
+
+    A_k = coef_y [y in shard k] + k * sum_{j in shard k} a_j
+
+Since the loss is coef_y (lse - v_y) + k (sum_a lse - sum_a v), with
+lse = logsumexp_k lse_k it is
+
+    loss = sum_k L_k + sum_k A_k (lse - lse_k)
+
+so ONE all_gather of (lse_k, L_k, A_k) per row gives every rank the exact
+loss. The backward needs no collective: the kernel's gradient with the
+global lse and grad_lse = g (A - A_k) has the gradient coefficient g A of
+the whole row, which is dloss/dz of the shard exactly.
+
+Per forward: one all_gather of 2 int64 (the shard sizes and row count, so
+that a disagreement fails clearly instead of crashing the collective) and
+one all_gather of float64 slots: per row lse_k, and (L_k, A_k) in the
+accumulation type (one slot for float32, two for float64), so 16 R bytes per
+rank (24 R for float64 logits); +16 R with stats, +16 R more with stats and
+probability targets, +8 with class weights. None in the backward.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import _derivatives as D
+from ._checks import check_common, check_index_target, check_index_weight_dtype, check_inplace, check_llm_options, dtype_name
+from ._derivatives import acc_dtype
+from ._ops import ops
+from ._reduction import reduce_rows, z_loss_rows
+
+_SHARDS = {}  # (group, local classes) -> (class_offset, total_classes, sizes of all ranks)
+
+# The in-place mode writes the exact gradient into the logits in row chunks
+# of about this many elements: the only N x C-sized memory it allocates.
+INPLACE_CHUNK = 1 << 22
+
+
+def _group(process_group):
+    return dist.group.WORLD if process_group is None else process_group
+
+
+def shard_of(group, n_classes, rows, device):
+    """(class_offset, total_classes) of this rank, checked against every rank.
+
+    The 2-value all_gather runs on every call, so that ranks that disagree on
+    the row count fail here, on the device and without a host sync, rather
+    than in the payload all_gather (whose sizes would not match). The sizes
+    are read to the host once per (group, local class count) and cached.
+    """
+    world = dist.get_world_size(group)
+    mine = torch.full((1, 2), rows, dtype=torch.long, device=device)  # fills, not a host copy
+    mine[0, 0] = n_classes
+    every = mine.new_empty(world, 2)
+    dist.all_gather_single(every, mine, group=group)
+    key = (group, n_classes)
+    if key not in _SHARDS:
+        sizes = every.tolist()  # once per key: the only host read
+        row_counts = [r for _, r in sizes]
+        if len(set(row_counts)) != 1:
+            raise ValueError(
+                f"vocab-parallel cross_entropy: the ranks of process_group disagree on the number "
+                f"of rows: got {row_counts} (rank order); every rank must hold the same rows"
+            )
+        classes = [c for c, _ in sizes]
+        if any(c < 1 for c in classes):
+            raise ValueError(
+                f"vocab-parallel cross_entropy: every rank must hold at least one class, got "
+                f"class slices of sizes {classes} (rank order)"
+            )
+        rank = dist.get_rank(group)
+        _SHARDS[key] = (sum(classes[:rank]), sum(classes), every[:, 0].clone())
+    offset, total, classes = _SHARDS[key]
+    torch._assert_async(
+        (every[:, 1] == rows).all() & (every[:, 0] == classes).all(),
+        "vocab-parallel cross_entropy: the ranks of process_group disagree on the number of rows, "
+        "or their class slices changed since they were first seen",
+    )
+    return offset, total
+
+
+def _shard_coefficient(target, weight, label_smoothing, ignore_index, offset, total, x3):
+    """A_k per row (float64): this shard's part of A = coef_y + k sum_a, and
+    for class-index targets this shard's w_y (0 when y is elsewhere)."""
+    eps = label_smoothing
+    n_classes = x3.shape[1]
+    sum_w = float(n_classes) if weight is None else weight.double().sum()
+    if target.is_floating_point():
+        t = target.double()
+        ta = t.sum(1) if weight is None else (t * weight.double().reshape(D.class_shape(t))).sum(1)
+        return (1 - eps) * ta.reshape(-1) + (eps / total) * sum_w, None
+    valid = target != ignore_index
+    here = valid & (target >= offset) & (target < offset + n_classes)
+    local = (target - offset).clamp(0, n_classes - 1)
+    w_y = here.double() if weight is None else torch.where(here, weight.double()[local], 0.0)
+    return (1 - eps) * w_y + (eps / total) * sum_w * valid.double(), w_y
+
+
+def _first_max(values, index):
+    """Per row, the index of the rank holding the largest value (the first on
+    ties: the lowest class index), given (world, R) values and indices."""
+    return index.gather(0, values.argmax(0, keepdim=True)).squeeze(0)
+
+
+def _value_at(x3, index, options):
+    """The effective logit at a per-row class index of the shard (O(R))."""
+    idx = index.clamp(min=0).reshape(D.row_shape(x3))
+    return D.effective_logits(x3.gather(1, idx), *options[2:4]).reshape(-1).double()
+
+
+def _gather_rows(x3, target, weight, options, stats, group, offset, total):
+    """Runs the shard's forward and the all_gather: (loss_rows, lse, A - A_k,
+    pred, target_pred, sum of w_y or None), all global."""
+    ignore_index, label_smoothing = options[:2]
+    loss_k, lse_k, pred, target_pred = ops.ce_forward(x3, target, weight, *options, stats, offset, total)
+    A_k, w_y = _shard_coefficient(target, weight, label_smoothing, ignore_index, offset, total, x3)
+    # (L_k, A_k) travel in the accumulation type, the kernels' own precision:
+    # for float32 the pair is one float64 slot. lse_k and the stats are float64.
+    pair = torch.stack([loss_k, A_k.to(loss_k.dtype)], 1).view(torch.float64).reshape(-1)
+    cols = []
+    if stats:
+        cols += [_value_at(x3, pred - offset, options), pred.double()]
+        if target.is_floating_point():
+            t_max = target.gather(1, (target_pred - offset).reshape(D.row_shape(x3))).reshape(-1)
+            cols += [t_max.double(), target_pred.double()]
+    rows = lse_k.numel()
+    extra = [w_y.sum().reshape(1)] if w_y is not None and weight is not None else []
+    payload = torch.cat([lse_k, pair] + cols + extra)
+    world = dist.get_world_size(group)
+    every = payload.new_empty(world, payload.numel())
+    dist.all_gather_single(every, payload.unsqueeze(0), group=group)
+    lse_all = every[:, :rows]
+    pairs = every[:, rows:rows + pair.numel()].view(loss_k.dtype).reshape(world, rows, 2).double()
+    loss_all, A_all = pairs[..., 0], pairs[..., 1]
+    per_row = every[:, rows + pair.numel():rows + pair.numel() + len(cols) * rows].reshape(world, len(cols), rows)
+    lse = torch.logsumexp(lse_all, 0)
+    if not target.is_floating_point():
+        lse = torch.where(target != ignore_index, lse, 0.0)  # the kernels' 0 for ignored rows
+    # A shard whose A_k is 0 adds nothing, also where its lse_k is -inf.
+    shift = torch.where(A_all != 0, A_all * (lse - lse_all), 0.0)
+    loss = (loss_all.sum(0) + shift.sum(0)).to(loss_k.dtype)
+    A_rest = A_all.sum(0) - A_all[dist.get_rank(group)]
+    if stats:
+        pred = _first_max(per_row[:, 0], per_row[:, 1]).long()
+        if target.is_floating_point():
+            target_pred = _first_max(per_row[:, 2], per_row[:, 3]).long()
+    w_y_sum = every[:, -1].sum() if extra else None
+    return loss, lse, A_rest, pred, target_pred, w_y_sum
+
+
+def _refuse_create_graph():
+    # The gradient is computed by the kernel, not by differentiable ops: a
+    # second-order term through it would silently be zero.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "cross_entropy with process_group does not support higher-order gradients "
+            "(create_graph=True); its gradient is not itself differentiable"
+        )
+
+
+class VocabParallelFn(torch.autograd.Function):
+    """(loss_rows, lse, pred, target_pred, w_y_sum) of the global rows; the
+    gradient reaches this rank's logits and probability-target shard."""
+
+    @staticmethod
+    def forward(ctx, x3, target, weight, options, stats, group, offset, total):
+        loss, lse, A_rest, pred, target_pred, w_y_sum = _gather_rows(
+            x3, target, weight, options, stats, group, offset, total)
+        ctx.save_for_backward(x3, target, weight, lse, A_rest)
+        ctx.options = (*options, offset, total)
+        ctx.mark_non_differentiable(pred, target_pred)
+        if w_y_sum is not None:
+            ctx.mark_non_differentiable(w_y_sum)
+        ctx.set_materialize_grads(False)
+        return loss, lse, pred, target_pred, w_y_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse, *_):
+        _refuse_create_graph()
+        x3, target, weight, lse, A_rest = ctx.saved_tensors
+        none = (None,) * 6
+        if weight is not None and ctx.needs_input_grad[2]:
+            raise RuntimeError("the derivative for 'weight' is not implemented.")
+        if grad_loss is None and grad_lse is None:
+            return (None, None) + none
+        acc = acc_dtype(x3.dtype)
+        g = torch.zeros_like(lse, dtype=acc) if grad_loss is None else grad_loss.to(acc)
+        # The other shards' part of g A, so that the kernel's gradient
+        # coefficient is the whole row's.
+        h = g.double() * A_rest
+        if grad_lse is not None:
+            h = h + grad_lse.double()
+        grad_x = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ops.ce_backward(g, h.to(acc), x3, target, weight, lse, *ctx.options)
+        if ctx.needs_input_grad[1]:
+            v = D.effective_logits(x3, *ctx.options[2:4])
+            grad_t = D.target_grad(v, lse, weight, ctx.options[1], D.rows(g, x3)).to(target.dtype)
+        return (grad_x, grad_t) + none
+
+
+class InplaceVocabParallelFn(torch.autograd.Function):
+    """In-place mode on a shard: the forward writes the gradient of the
+    reduced loss (z-loss included) into the logits' storage, exactly, with
+    the global lse, in row chunks; the backward only rescales it. Returns
+    (loss, z_loss, lse, pred, target_pred); only `loss` is differentiable."""
+
+    @staticmethod
+    def forward(ctx, x3, target, weight, options, stats, group, offset, total, reduce):
+        loss_rows, lse, A_rest, pred, target_pred, w_y_sum = _gather_rows(
+            x3, target, weight, options, stats, group, offset, total)
+        loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum)
+        acc = acc_dtype(x3.dtype)
+        g = grad_scale.to(acc).expand(lse.shape)
+        h = g.double() * A_rest
+        if lse_grad_scale is not None:
+            valid = 1.0 if target.is_floating_point() else (target != options[0]).double()
+            h = h + lse_grad_scale * lse * valid
+        h = h.to(acc)
+        inner = x3.shape[2] if x3.dim() == 3 else 1
+        step = max(1, INPLACE_CHUNK // (x3.shape[1] * inner))
+        for i in range(0, x3.shape[0], step):
+            rows = slice(i * inner, (i + step) * inner)
+            t = target[i:i + step] if target.is_floating_point() else target[rows]
+            x3[i:i + step].copy_(ops.ce_backward(
+                g[rows], h[rows], x3[i:i + step], t, weight, lse[rows], *options, offset, total))
+        torch.autograd.graph.increment_version(x3)
+        ctx.save_for_backward(x3)
+        ctx.backward_done = False
+        ctx.mark_non_differentiable(z_loss, lse, pred, target_pred)
+        ctx.set_materialize_grads(False)
+        return loss, z_loss, lse, pred, target_pred
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        _refuse_create_graph()
+        if ctx.backward_done:
+            raise RuntimeError(
+                "Trying to backward through the graph a second time: cross_entropy with "
+                "inplace_backward=True keeps one gradient buffer (the logits' storage) and "
+                "scales it in place, so it can be used by one backward only"
+            )
+        ctx.backward_done = True
+        (grad,) = ctx.saved_tensors
+        if grad_loss is not None:
+            ops.scale_grad_(grad, grad_loss.to(acc_dtype(grad.dtype)))
+        return (grad,) + (None,) * 8
+
+
+def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                 inplace_backward, logit_scale, softcap, z_loss_scale, return_stats,
+                                 process_group):
+    """`cross_entropy(..., process_group=group)`: input holds this rank's
+    contiguous slice of the classes, weight (if any) the same slice, a
+    probability target the same slice; an index target holds global classes."""
+    from .functional import CrossEntropyStats, _is_rows_view, _layout  # functional imports this module
+
+    check_common(input, weight, label_smoothing)
+    check_llm_options(logit_scale, softcap, z_loss_scale)
+    if input.dim() < 2:
+        raise ValueError(
+            f"vocab-parallel cross_entropy expects input of shape (N, C_local, ...), got {list(input.shape)}")
+    group = _group(process_group)
+    autocast = torch.is_autocast_enabled(input.device.type)
+    acc = acc_dtype(input.dtype)
+    n, n_classes, spatial = input.shape[0], input.shape[1], tuple(input.shape[2:])
+    rows_view = _is_rows_view(input)
+    x3 = _layout(input, rows_view)
+    prob = target.shape == input.shape
+    if prob:
+        if not target.is_floating_point():
+            raise RuntimeError(
+                f"Expected floating point type for target with class probabilities, got {dtype_name(target.dtype)}")
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+        out_dtype = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+        t = _layout(target, rows_view)
+        loss_shape = (n,) + spatial
+        valid = None
+    else:
+        check_index_target(input, target)
+        if weight is not None:
+            check_index_weight_dtype(input, weight, autocast)
+        out_dtype = input.dtype
+        loss_shape = tuple(target.shape)
+        t = target.reshape(-1).long()
+        valid = t != ignore_index
+    if autocast and out_dtype != torch.float64:
+        out_dtype = torch.float32
+    inplace = inplace_backward and torch.is_grad_enabled() and input.requires_grad
+    if inplace:
+        check_inplace(input)  # before any collective: every rank fails alike
+    rows = n * math.prod(spatial)
+    offset, total = shard_of(group, n_classes, rows, input.device)
+    options = (ignore_index, label_smoothing, float(logit_scale), float(softcap or 0.0))
+    count = torch.full((), rows, dtype=acc, device=input.device) if valid is None else valid.sum().to(acc)
+
+    def reduce(loss_rows, lse, w_y_sum):
+        """(loss, z_loss, the loss's gradient scale, the lse's per unit lse)."""
+        mean = reduction == "mean"
+        den = (count if valid is None or weight is None else w_y_sum.to(acc)) if mean else None
+        loss = reduce_rows(loss_rows, reduction, den)
+        one = torch.ones((), dtype=acc, device=loss.device)
+        grad_scale = one / den if mean else one
+        if not z_loss_scale:
+            return loss, torch.zeros_like(loss), grad_scale, None
+        z_den = count if mean else None
+        z_loss = reduce_rows(z_loss_rows(lse, valid, z_loss_scale, acc), reduction, z_den)
+        return loss + z_loss, z_loss, grad_scale, 2 * z_loss_scale * (one / z_den if mean else one)
+
+    if inplace:
+        loss, z_loss, lse, pred, target_pred = InplaceVocabParallelFn.apply(
+            x3, t, weight, options, return_stats, group, offset, total, reduce)
+    else:
+        loss_rows, lse, pred, target_pred, w_y_sum = VocabParallelFn.apply(
+            x3, t, weight, options, return_stats, group, offset, total)
+        loss, z_loss = reduce(loss_rows, lse, w_y_sum)[:2]
+    if reduction == "none":
+        loss, z_loss = loss.reshape(loss_shape), z_loss.reshape(loss_shape)
+    loss = loss.to(out_dtype)
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        hits = pred == (target_pred if prob else t)
+        if valid is not None:
+            hits = hits & valid
+        accuracy = (hits.sum().to(torch.float32) / count).to(torch.float32)
+    return CrossEntropyStats(loss, z_loss.to(out_dtype), lse.to(torch.float32).reshape(loss_shape), accuracy)

@@ -1,0 +1,198 @@
+"""Vocab-parallel cross-entropy (process_group=...) in spawned gloo groups on
+loopback, against the single-process result on the full logits."""
+import datetime
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TOLERANCES, random_logits, random_targets
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 60  # every collective, and the join of the spawned group
+
+# Per case: the keyword arguments, and what the targets are: "index",
+# "ignore" (index targets with ignored rows), or "prob".
+CASES = [
+    ("index", dict(reduction="mean")),
+    ("index", dict(reduction="sum", label_smoothing=0.2)),
+    ("ignore", dict(reduction="none", label_smoothing=0.1)),
+    ("ignore", dict(reduction="mean", weight=True, label_smoothing=0.3)),
+    ("index", dict(reduction="sum", weight=True)),
+    ("prob", dict(reduction="mean")),
+    ("prob", dict(reduction="none", weight=True, label_smoothing=0.2)),
+    ("ignore", dict(reduction="mean", z_loss_scale=0.01, softcap=4.0, logit_scale=0.7, return_stats=True)),
+    ("prob", dict(reduction="sum", z_loss_scale=0.02, return_stats=True)),
+    ("index", dict(reduction="none", return_stats=True, spatial=True)),
+    ("ignore", dict(reduction="mean", weight=True, z_loss_scale=0.01, inplace_backward=True, label_smoothing=0.1)),
+    ("prob", dict(reduction="none", weight=True, inplace_backward=True, softcap=3.0)),
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_case(kind, kw, dtype, total, seed):
+    """The full-width inputs, identical on every rank (same seed)."""
+    torch.manual_seed(seed)
+    n = 6
+    shape = (n, total, 3) if kw.get("spatial") else (n, total)
+    logits = random_logits(shape, dtype, "cpu")
+    if kind == "prob":
+        target = torch.softmax(random_logits(shape, torch.float64, "cpu"), 1).to(dtype)
+    else:
+        rows = (n, 3) if kw.get("spatial") else (n,)
+        target = random_targets(total, rows, "cpu", ignore_index=-100 if kind == "ignore" else None, ignore_every=3)
+    weight = torch.rand(total, dtype=torch.float64).add(0.5).to(dtype) if kw.get("weight") else None
+    return logits, target, weight
+
+
+def options(kw):
+    return {k: v for k, v in kw.items() if k not in ("weight", "spatial", "inplace_backward")}
+
+
+def check_case(kind, kw, dtype, sizes, rank, group, seed):
+    import fused_softmax_ce
+
+    total = sum(sizes)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    logits, target, weight = make_case(kind, kw, dtype, total, seed)
+    prob = kind == "prob"
+    upstream = torch.rand(target.shape[0], *([3] if kw.get("spatial") else []), dtype=torch.float64)
+
+    def run(x, t, w, **extra):
+        out = fused_softmax_ce.cross_entropy(x, t, weight=w, **options(kw), **extra)
+        loss = out.loss if kw.get("return_stats") else out
+        total_loss = (loss * upstream.to(loss.dtype)).sum() if kw["reduction"] == "none" else loss
+        if kw.get("return_stats") and not kw.get("inplace_backward"):
+            total_loss = total_loss + 0.3 * out.lse.sum()  # the lse is differentiable
+        return out, total_loss
+
+    # The reference: one process, the full logits.
+    x_full = logits.clone().requires_grad_()
+    t_full = target.clone().requires_grad_() if prob and not kw.get("inplace_backward") else target
+    ref, ref_total = run(x_full, t_full, weight)
+    ref_total.backward()
+
+    # This rank's shard.
+    x = logits[:, lo:hi].clone().requires_grad_()
+    t = target[:, lo:hi].clone() if prob else target
+    if prob and not kw.get("inplace_backward"):
+        t.requires_grad_()
+    w = None if weight is None else weight[lo:hi].clone()
+    if kw.get("inplace_backward"):
+        x_in = x * 1  # a non-leaf, whose storage receives the gradient
+        out, total_loss = run(x_in, t, w, process_group=group, inplace_backward=True)
+    else:
+        out, total_loss = run(x, t, w, process_group=group)
+    total_loss.backward()
+
+    atol, rtol = TOLERANCES[dtype]
+
+    def close(actual, expected, what):
+        torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{kind} {kw} {dtype} {sizes} rank {rank}: {what}: {m}")
+
+    if kw.get("return_stats"):
+        for field in ("loss", "z_loss", "lse", "accuracy"):
+            close(getattr(out, field), getattr(ref, field), field)
+            assert getattr(out, field).dtype == getattr(ref, field).dtype, field
+    else:
+        close(out, ref, "loss")
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+    close(x.grad, x_full.grad[:, lo:hi], "grad of the logits' slice")
+    if prob and not kw.get("inplace_backward"):
+        close(t.grad, t_full.grad[:, lo:hi], "grad of the target's slice")
+
+
+def check_errors(sizes, rank, group):
+    import fused_softmax_ce
+
+    total = sum(sizes)
+    x = random_logits((4, sizes[rank]), torch.float64, "cpu")
+    bad = torch.full((4,), total)  # one past the last class
+    with pytest.raises(IndexError):
+        fused_softmax_ce.cross_entropy(x, bad, process_group=group)
+    loss = fused_softmax_ce.cross_entropy(x.requires_grad_(), bad % total, process_group=group)
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # Rank 0 holds one row more than the others.
+    rows = 5 if rank == 0 else 4
+    x = random_logits((rows, sizes[rank]), torch.float64, "cpu")
+    with pytest.raises((ValueError, RuntimeError), match="disagree on the number of rows"):
+        fused_softmax_ce.cross_entropy(x, torch.zeros(rows, dtype=torch.long), process_group=group)
+    with pytest.raises(RuntimeError, match="inplace|in-place|leaf"):
+        fused_softmax_ce.cross_entropy(x.requires_grad_(), torch.zeros(rows, dtype=torch.long),
+                                       process_group=group, inplace_backward=True)
+
+
+def worker(rank, sizes, port, results):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=len(sizes), timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        group = dist.new_group(list(range(len(sizes))), timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        for dtype in (torch.float64, torch.float32):
+            for seed, (kind, kw) in enumerate(CASES):
+                check_case(kind, kw, dtype, sizes, rank, group, seed)
+        check_errors(sizes, rank, group)
+        results.put((rank, None))
+    except BaseException:
+        results.put((rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_group(sizes):
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env_path])
+    procs = [ctx.Process(target=worker, args=(r, sizes, port, results)) for r in range(len(sizes))]
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        os.environ["PYTHONPATH"] = env_path
+    errors = []
+    try:
+        for _ in procs:
+            rank, error = results.get(timeout=4 * TIMEOUT_S)
+            if error:
+                errors.append(f"rank {rank}:\n{error}")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("sizes", [(5, 5), (3, 8), (4, 4, 4), (2, 7, 3)], ids=str)
+def test_vocab_parallel_matches_full_logits(sizes):
+    run_group(list(sizes))
+
+
+def test_example_runs_under_torchrun():
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+         str(ROOT / "examples" / "vocab_parallel.py")],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "matches the full logits" in out.stdout
