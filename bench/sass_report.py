@@ -27,13 +27,19 @@ Hot loops, and the per-element heuristic:
   are the bytes of its unconditional global loads of the widest width
   present, divided by the element size (the logits come in 16-byte vectors;
   per-class weights and probability targets are narrower or conditional). A
-  loop with neither is no element loop (a reduction over shared memory). In
+  loop that stores without loading fills ignored rows (`fill`: no steady
+  state). A loop with neither is no element loop (a merge of partials). In
   a scalar read loop (widest load = one element) an unconditional load of a
   weight or target would also count as an element: such loops are marked
   `scalar` and their figure is then a lower bound.
-- Instructions per iteration: every instruction in the body's address
-  range except NOP, both sides of any branch included, and not the
-  instructions of out-of-line blocks or subroutines (CALL) it jumps to.
+- Instructions per iteration: those on the plain path through one
+  iteration (a row with class-index targets and no weights): from the loop
+  header to its back edge, following unconditional branches, taking a
+  predicated forward branch only when the code it skips reads global memory
+  (weights, probability targets), running everything else, predicated
+  instructions included. NOPs do not count, nor do out-of-line blocks or
+  subroutines (CALL) the body jumps to. The CSV also has the whole body's
+  count (`loop_instructions`), an upper bound.
 - Per kernel, the steady state of a pass is its loop with the most elements
   per iteration (the unrolled body, not the remainder or scalar head and
   tail loops): `read` for the read pass, `write` for the write pass.
@@ -449,7 +455,7 @@ def compile_cached(force=False):
     log, stamp = CACHE / "ptxas.log", CACHE / "inputs.sha256"
     if not force and cubin.exists() and log.exists() and stamp.exists() and stamp.read_text() == digest.hexdigest():
         return log.read_text(), cubin, cmd
-    print(f"sass_report: compiling {SOURCE} for sm_{ARCH} (a few minutes)...", file=sys.stderr, flush=True)
+    print(f"sass_report: compiling {SOURCE} for sm_{ARCH} (about 30 s on 2 cores)...", file=sys.stderr, flush=True)
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if run.returncode != 0:
         sys.stderr.write(run.stdout + run.stderr)
@@ -463,12 +469,13 @@ def compile_cached(force=False):
 
 COLUMNS = ["toolkit", "arch", "date", "kernel", "dtype", "params", "phase", "threads", "registers",
            "spill_stores_bytes", "spill_loads_bytes", "stack_bytes", "static_smem_bytes", "blocks_per_sm",
-           "warps_per_sm", "occupancy_limiter", "loop", "loop_kind", "loop_instructions", "loop_elements",
-           "instr_per_element", "scalar_loop", "local_mem_in_loop", "calls_in_loop", "steady_state",
+           "warps_per_sm", "occupancy_limiter", "loop", "loop_kind", "loop_instructions", "path_instructions",
+           "loop_elements", "instr_per_element", "scalar_loop", "local_mem_in_loop", "calls_in_loop", "steady_state",
            "heuristic"]
-HEURISTIC = ("static count of non-NOP SASS instructions in the innermost loop's address range / elements per "
-             "iteration (write loop: bytes of unconditional global stores / element size; read loop: bytes of "
-             "unconditional global loads of the widest width / element size)")
+HEURISTIC = ("non-NOP SASS instructions on the innermost loop's plain path (predicated branches taken only "
+             "over code that reads global memory) / elements per iteration (write loop: bytes of unconditional "
+             "global stores / element size; read loop: bytes of unconditional global loads of the widest width "
+             "/ element size)")
 
 
 def analyse(ptxas_log, sass_text, elf_text):
@@ -531,7 +538,7 @@ def csv_rows(kernels, toolkit, date):
             row = dict(base)
             if s is not None:
                 row.update(loop=f"{s.start:#06x}-{s.end:#06x}", loop_kind=s.kind, loop_instructions=s.instructions,
-                           loop_elements=s.elements,
+                           path_instructions=s.path, loop_elements=s.elements,
                            instr_per_element=f"{s.per_element:.2f}" if s.per_element else "",
                            scalar_loop=int(s.scalar), local_mem_in_loop=s.local_accesses, calls_in_loop=s.calls,
                            steady_state=int(id(s) in steady))
@@ -544,7 +551,7 @@ def fmt(s):
 
 
 def table(kernels):
-    head = ["kernel", "dtype", "params", "thr", "regs", "spill st/ld B", "smem B", "blocks (warps)/SM",
+    head = ["kernel", "dtype", "template args", "phase", "threads", "regs", "spill st/ld B", "smem B", "blocks (warps)/SM",
             "read/elem", "write/elem", "budget", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in kernels:
@@ -557,7 +564,7 @@ def table(kernels):
         else:
             target = "occupancy"
         lines.append("| " + " | ".join([
-            k.name, k.dtype, k.params, str(k.threads), str(res.registers),
+            k.name, k.dtype, k.params, k.phase or "–", str(k.threads), str(res.registers),
             f"{res.spill_stores}/{res.spill_loads}", str(res.smem), f"{r['blocks']} ({r['warps']})",
             fmt(r["passes"]["read"]), fmt(r["passes"]["write"]), target,
             "ok" if not fails else "MISS: " + ", ".join(fails)]) + " |")

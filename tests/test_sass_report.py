@@ -237,7 +237,7 @@ def test_analyse_and_budgets():
     assert (value, limit) == (pytest.approx(5 / 8), 12)
     assert fails == ["spill in loop"]  # the LDL in the write loop; 1 block of 32 warps passes occupancy
     table = sr.table(kernels)
-    assert "MISS: spill in loop" in table and "| rows_kernel | bf16 | 256, 0 |" in table
+    assert "MISS: spill in loop" in table and "| rows_kernel | bf16 | 256, 0 | forward | 256 | 48 |" in table
 
 
 @needs_cxxfilt
