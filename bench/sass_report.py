@@ -87,7 +87,7 @@ SMEM_PER_BLOCK = 227 * 1024
 SMEM_RESERVED_PER_BLOCK = 1024  # the runtime's share of each block (sm_80 and later)
 SMEM_ALLOC = 128
 
-ELEMENT_BYTES = {"fp32": 4, "fp64": 8, "fp16": 2, "bf16": 2}
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 CXX_TYPES = {"float": "fp32", "double": "fp64", "__half": "fp16", "__nv_bfloat16": "bf16"}
 
 # kernels.cu's enum Phase.
@@ -353,6 +353,7 @@ class Kernel:
     name: str
     dtype: str
     params: str  # the template arguments after T
+    args: list
     threads: int
     phase: str  # a PHASES value, or None
 
@@ -370,7 +371,7 @@ def describe(demangled):
     except (IndexError, KeyError, TypeError) as e:
         raise SystemExit(f"sass_report: {demangled}: its template arguments no longer match KERNELS in "
                          f"{__file__} ({e!r}); update the table from kernels.cu's launch code") from None
-    return Kernel(name, CXX_TYPES[args[0]], ", ".join(str(a) for a in args[1:]), threads, phase)
+    return Kernel(name, CXX_TYPES[args[0]], ", ".join(str(a) for a in args[1:]), args[1:], threads, phase)
 
 
 def demangle(names):
@@ -499,8 +500,10 @@ def analyse(ptxas_log, sass_text, elf_text):
         passes = {kind: steady_state(stats, kind) for kind in ("read", "write")}
         kernels.append(dict(kernel=k, res=res, blocks=blocks, warps=blocks * math.ceil(k.threads / 32),
                             limiter=limiter, loops=stats, passes=passes))
-    order = {n: i for i, n in enumerate(KERNELS)}
-    kernels.sort(key=lambda r: (order[r["kernel"].name], r["kernel"].params, r["kernel"].dtype))
+    order, dtypes = {n: i for i, n in enumerate(KERNELS)}, list(ELEMENT_BYTES)
+    kernels.sort(key=lambda r: (order[r["kernel"].name], [(0, a, "") if isinstance(a, int) else (1, 0, a)
+                                                           for a in r["kernel"].args],
+                                dtypes.index(r["kernel"].dtype)))
     return kernels
 
 
@@ -598,14 +601,12 @@ def main():
           "Per element in the steady-state loop; * = scalar loop (a lower bound).\n")
     print(table(kernels))
     print(f"\nCSV: {out}")
-    spills = [r for r in kernels if any(s.local_accesses and s.kind for s in r["loops"])]
-    if spills:
-        print("\nLocal memory (LDL/STL) inside an element loop:", file=sys.stderr)
-        for r in spills:
-            k = r["kernel"]
-            print(f"  {k.name}<{k.dtype}, {k.params}>", file=sys.stderr)
-        if args.check:
-            sys.exit(1)
+    spills = [(r["kernel"], s) for r in kernels for s in r["loops"] if s.local_accesses and s.kind]
+    for k, s in spills:
+        print(f"spill: {k.name}<{k.dtype}, {k.params}> ({k.phase}): {s.local_accesses} LDL/STL in its "
+              f"{s.kind} loop {s.start:#06x}-{s.end:#06x}", file=sys.stderr)
+    if spills and args.check:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
