@@ -27,8 +27,8 @@ Hot loops, and the per-element heuristic:
   are the bytes of its unconditional global loads of the widest width
   present, divided by the element size (the logits come in 16-byte vectors;
   per-class weights and probability targets are narrower or conditional). A
-  loop that stores without loading fills ignored rows (`fill`: no steady
-  state). A loop with neither is no element loop (a merge of partials). In
+  loop that stores without loading (from global or shared memory) fills
+  ignored rows (`fill`: no steady state). A loop with neither is no element loop (a merge of partials). In
   a scalar read loop (widest load = one element) an unconditional load of a
   weight or target would also count as an element: such loops are marked
   `scalar` and their figure is then a lower bound.
@@ -157,7 +157,7 @@ class Loop:
     end: int  # the address of the last back edge
 
     def contains(self, other):
-        return self.start <= other.start and other.end <= self.end and (self.start, self.end) != (other.start, other.end)
+        return self != other and self.start <= other.start and other.end <= self.end
 
 
 def find_loops(instrs):
@@ -184,6 +184,7 @@ def access_bytes(op):
 
 
 GLOBAL_LOADS, GLOBAL_STORES, LOCAL = {"LDG", "LD"}, {"STG", "ST"}, {"LDL", "STL"}
+SHARED_LOADS = {"LDS", "LDSM"}
 
 
 @dataclasses.dataclass
@@ -201,10 +202,6 @@ class LoopStats:
     @property
     def per_element(self):
         return self.path / self.elements if self.elements else None
-
-    @property
-    def body_per_element(self):
-        return self.instructions / self.elements if self.elements else None
 
 
 def plain_path(body, loop):
@@ -246,8 +243,9 @@ def loop_stats(instrs, loop, element_bytes):
     sure = [i for i in body if not i.pred and i.addr not in conditional]
     stores = [access_bytes(i.op) for i in sure if i.base in GLOBAL_STORES]
     loads = [access_bytes(i.op) for i in sure if i.base in GLOBAL_LOADS]
-    if stores:  # a loop that stores without reading fills ignored rows
-        kind, elements, scalar = "write" if loads else "fill", sum(stores) // element_bytes, False
+    if stores:  # a loop that stores without reading (global or shared memory) fills ignored rows
+        reads = loads or any(i.base in SHARED_LOADS for i in sure)
+        kind, elements, scalar = "write" if reads else "fill", sum(stores) // element_bytes, False
     elif loads:
         widest = max(loads)
         kind, elements = "read", sum(b for b in loads if b == widest) // element_bytes
@@ -352,14 +350,20 @@ def kernel_identity(demangled):
 class Kernel:
     name: str
     dtype: str
-    params: str  # the template arguments after T
-    args: list
+    args: list  # the template arguments after T
     threads: int
     phase: str  # a PHASES value, or None
 
+    @property
+    def params(self):
+        return ", ".join(str(a) for a in self.args)
+
 
 def describe(demangled):
-    name, args = kernel_identity(demangled)
+    try:
+        name, args = kernel_identity(demangled)
+    except ValueError as e:
+        raise SystemExit(f"sass_report: {e}") from None
     if name not in KERNELS:
         raise SystemExit(f"sass_report: unknown kernel {name} ({demangled}): add its threads per block "
                          f"and phase to KERNELS in {__file__}, as kernels.cu launches it")
@@ -371,7 +375,7 @@ def describe(demangled):
     except (IndexError, KeyError, TypeError) as e:
         raise SystemExit(f"sass_report: {demangled}: its template arguments no longer match KERNELS in "
                          f"{__file__} ({e!r}); update the table from kernels.cu's launch code") from None
-    return Kernel(name, CXX_TYPES[args[0]], ", ".join(str(a) for a in args[1:]), args[1:], threads, phase)
+    return Kernel(name, CXX_TYPES[args[0]], args[1:], threads, phase)
 
 
 def demangle(names):
@@ -384,8 +388,8 @@ def launch_bounds(elf_text):
     bounds = {}
     for section in re.split(r"\n(?=\.nv\.info\.)", elf_text):
         head = re.match(r"\.nv\.info\.(\S+)", section)
-        m = re.search(r"EIATTR_MAX_THREADS\s*\n\s*Format:.*\n\s*Value:\s*0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)",
-                      section)
+        m = re.search(r"EIATTR_MAX_THREADS\s*\n\s*Format:.*\n\s*Value:\s*"
+                      r"0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)", section)
         if head and m:
             bounds[head.group(1)] = math.prod(int(v, 16) for v in m.groups())
     return bounds
@@ -554,8 +558,8 @@ def fmt(s):
 
 
 def table(kernels):
-    head = ["kernel", "dtype", "template args", "phase", "threads", "regs", "spill st/ld B", "smem B", "blocks (warps)/SM",
-            "read/elem", "write/elem", "budget", "status"]
+    head = ["kernel", "dtype", "template args", "phase", "threads", "regs", "spill st/ld B", "smem B",
+            "blocks (warps)/SM", "read/elem", "write/elem", "budget", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in kernels:
         k, res = r["kernel"], r["res"]
@@ -578,7 +582,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 on a spill (LDL/STL) inside an element loop")
     parser.add_argument("--force", action="store_true", help="recompile even when the sources are unchanged")
-    parser.add_argument("--out", default=None, help="CSV path (default: bench/results/sass-sm_90-cuda<version>-<date>.csv)")
+    parser.add_argument("--out", default=None,
+                        help="CSV path (default: bench/results/sass-sm_90-cuda<version>-<date>.csv)")
     args = parser.parse_args()
 
     ptxas_log, cubin, cmd = compile_cached(args.force)

@@ -120,7 +120,6 @@ def test_read_loop_counts_vector_loads_and_skips_the_weight_path():
     # plain path: 0x30..0x90, then the branch over the weight read to 0xc0..0xf0
     assert s.path == 11
     assert s.per_element == pytest.approx(11 / 16)
-    assert s.body_per_element == pytest.approx(13 / 16)
     assert s.local_accesses == 0
 
 
@@ -143,6 +142,15 @@ def test_write_fill_and_local_memory():
     assert (fill.kind, fill.elements) == ("fill", 8)
     assert sr.steady_state([fill, write], "write") is write
     assert sr.steady_state([fill, write], "read") is None
+
+
+def test_write_loop_reading_shared_memory_is_no_fill():
+    # a row kept in shared memory: the gradient pass loads with LDS and stores with STG
+    body = [sr.Instr(0x0, "", "LDS.128", "R4, [R2]"),
+            sr.Instr(0x10, "", "STG.E.64", "desc[UR4][R10.64], R4"),
+            sr.Instr(0x20, "@P0", "BRA", "0x0")]
+    s = sr.loop_stats(body, sr.Loop(0x0, 0x20), element_bytes=2)
+    assert (s.kind, s.elements, s.path) == ("write", 4, 3)
 
 
 def test_predicated_branch_over_plain_code_is_not_taken():
