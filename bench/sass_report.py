@@ -486,6 +486,9 @@ HEURISTIC = ("non-NOP SASS instructions on the innermost loop's plain path (pred
 def analyse(ptxas_log, sass_text, elf_text):
     """One dict per kernel: resources, occupancy, loops and budgets."""
     resources, funcs, bounds = parse_ptxas(ptxas_log), parse_sass(sass_text), launch_bounds(elf_text)
+    if not funcs or not all(funcs.values()):
+        raise SystemExit("sass_report: no kernels, or a kernel without instructions, in the cuobjdump -sass "
+                         "output: has its format changed?")
     names = demangle(sorted(funcs))
     kernels = []
     for mangled, instrs in funcs.items():
@@ -504,6 +507,9 @@ def analyse(ptxas_log, sass_text, elf_text):
         passes = {kind: steady_state(stats, kind) for kind in ("read", "write")}
         kernels.append(dict(kernel=k, res=res, blocks=blocks, warps=blocks * math.ceil(k.threads / 32),
                             limiter=limiter, loops=stats, passes=passes))
+    # Without this the spill gate would pass on a parser that sees no loops.
+    if not any(s.kind for r in kernels for s in r["loops"]):
+        raise SystemExit("sass_report: no element loop in any kernel: has the cuobjdump -sass format changed?")
     order, dtypes = {n: i for i, n in enumerate(KERNELS)}, list(ELEMENT_BYTES)
     kernels.sort(key=lambda r: (order[r["kernel"].name], [(0, a, "") if isinstance(a, int) else (1, 0, a)
                                                            for a in r["kernel"].args],
@@ -591,8 +597,6 @@ def main():
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     elf = subprocess.run([cuobjdump, "-elf", str(cubin)], capture_output=True, text=True, check=True).stdout
     kernels = analyse(ptxas_log, sass, elf)
-    if not kernels:
-        raise SystemExit("sass_report: no kernels in the cubin")
 
     toolkit, date = toolkit_version(cmd[0]), datetime.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)

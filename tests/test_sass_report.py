@@ -252,3 +252,13 @@ def test_analyse_and_budgets():
 def test_analyse_fails_when_the_table_disagrees_with_launch_bounds():
     with pytest.raises(SystemExit, match="__launch_bounds__"):
         sr.analyse(PTXAS, SASS, elf({FWD: 512, BWD: 1024}))
+
+
+@needs_cxxfilt
+def test_analyse_fails_when_it_finds_no_loop():
+    # a changed disassembly format must not pass the spill gate silently
+    no_loops = "\n".join(line for line in SASS.splitlines() if " BRA " not in line)
+    with pytest.raises(SystemExit, match="no element loop"):
+        sr.analyse(PTXAS, no_loops, elf({FWD: 256, BWD: 1024}))
+    with pytest.raises(SystemExit, match="format changed"):
+        sr.analyse(PTXAS, "", "")
