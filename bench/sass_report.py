@@ -44,9 +44,10 @@ Hot loops, and the per-element heuristic:
   per iteration (the unrolled body, not the remainder or scalar head and
   tail loops): `read` for the read pass, `write` for the write pass.
 
-Budgets (issue 11), per element in the steady-state loop, for bf16/fp16:
-forward (the read pass) <= 16, backward (the write pass) <= 12, in-place
-forward (read + write) <= 24. For every kernel and dtype: no local-memory
+Budgets (issue 11), per element in the steady-state loop, for bf16/fp16 and
+the plain variants (identity logit transform, no argmax statistics; the
+others are reported): forward (the read pass) <= 16, backward (the write
+pass) <= 12, in-place forward (read + write) <= 24. For every kernel and dtype: no local-memory
 access (LDL/STL: spills) inside an element loop, and at least 2 blocks or 32
 warps resident per SM. `--check` exits 1 on a spill in an element loop (the
 CI gate); the other budgets are reported, not gated.
@@ -93,16 +94,27 @@ CXX_TYPES = {"float": "fp32", "double": "fp64", "__half": "fp16", "__nv_bfloat16
 # kernels.cu's enum Phase.
 PHASES = {0: "forward", 1: "forward_inplace", 2: "backward"}
 
-# Per kernel (its template arguments a, T first, ints as ints): threads per
-# block and phase, as kernels.cu launches it. Phase None: no element loop.
+# kernels.cu's logit transform (TR: 0 identity, 1 scale, 2 softcap) and
+# statistics flag (STATS), as they appear in demangled template arguments.
+IDENTITY, NO_STATS = 0, "false"
+
+# Per kernel (its template arguments a, T first, ints as ints, bools as
+# "true"/"false"): threads per block, phase, and whether it is the plain
+# variant (identity transform, no statistics), as kernels.cu launches it.
+# Phase None: no element loop. The instruction budgets apply to plain variants.
 KERNELS = {
-    # rows_kernel<T, G, PHASE>: block_threads<G>() = max(G, 256)
-    "rows_kernel": (lambda a: max(a[1], 256), lambda a: PHASES[a[2]]),
-    "spatial_kernel": (lambda a: 256, lambda a: PHASES[a[1]]),  # <T, PHASE>
-    "split_stats_kernel": (lambda a: 256, lambda a: "forward"),  # kSplitThreads
-    "split_grad_kernel": (lambda a: 256, lambda a: "backward"),  # also the in-place split path
-    "split_finish_kernel": (lambda a: 256, lambda a: None),  # merges per-split states
-    "scale_kernel": (lambda a: 256, lambda a: "backward"),  # scale_grad_ of the in-place mode
+    # rows_kernel<T, G, PHASE, TR, STATS>: kRowThreads for every G
+    "rows_kernel": (lambda a: 256, lambda a: PHASES[a[2]], lambda a: a[3] == IDENTITY and a[4] == NO_STATS),
+    # spatial_kernel<T, PHASE, TR, STATS>
+    "spatial_kernel": (lambda a: 256, lambda a: PHASES[a[1]], lambda a: a[2] == IDENTITY and a[3] == NO_STATS),
+    # split_stats_kernel<T, TR, STATS>: kSplitThreads
+    "split_stats_kernel": (lambda a: 256, lambda a: "forward", lambda a: a[1] == IDENTITY and a[2] == NO_STATS),
+    # split_grad_kernel<T, TR>: also the in-place split path
+    "split_grad_kernel": (lambda a: 256, lambda a: "backward", lambda a: a[1] == IDENTITY),
+    # split_finish_kernel<T, TR, STATS>: merges per-split states
+    "split_finish_kernel": (lambda a: 256, lambda a: None, lambda a: a[1] == IDENTITY and a[2] == NO_STATS),
+    # scale_kernel<T>: scale_grad_ of the in-place mode
+    "scale_kernel": (lambda a: 256, lambda a: "backward", lambda a: True),
 }
 
 # Budgets in SASS instructions per element (bf16/fp16) and the passes summed.
@@ -353,6 +365,7 @@ class Kernel:
     args: list  # the template arguments after T
     threads: int
     phase: str  # a PHASES value, or None
+    plain: bool = True  # identity transform, no statistics: the budgeted variant
 
     @property
     def params(self):
@@ -369,13 +382,13 @@ def describe(demangled):
                          f"and phase to KERNELS in {__file__}, as kernels.cu launches it")
     if args[0] not in CXX_TYPES:
         raise SystemExit(f"sass_report: {demangled}: the first template argument {args[0]!r} is not a dtype")
-    threads_of, phase_of = KERNELS[name]
+    threads_of, phase_of, plain_of = KERNELS[name]
     try:
-        threads, phase = threads_of(args), phase_of(args)
+        threads, phase, plain = threads_of(args), phase_of(args), plain_of(args)
     except (IndexError, KeyError, TypeError) as e:
         raise SystemExit(f"sass_report: {demangled}: its template arguments no longer match KERNELS in "
                          f"{__file__} ({e!r}); update the table from kernels.cu's launch code") from None
-    return Kernel(name, CXX_TYPES[args[0]], args[1:], threads, phase)
+    return Kernel(name, CXX_TYPES[args[0]], args[1:], threads, phase, plain)
 
 
 def demangle(names):
@@ -472,7 +485,7 @@ def compile_cached(force=False):
 
 # --- the report ---------------------------------------------------------------
 
-COLUMNS = ["toolkit", "arch", "date", "kernel", "dtype", "params", "phase", "threads", "registers",
+COLUMNS = ["toolkit", "arch", "date", "kernel", "dtype", "params", "phase", "plain_variant", "threads", "registers",
            "spill_stores_bytes", "spill_loads_bytes", "stack_bytes", "static_smem_bytes", "blocks_per_sm",
            "warps_per_sm", "occupancy_limiter", "loop", "loop_kind", "loop_instructions", "path_instructions",
            "loop_elements", "instr_per_element", "scalar_loop", "local_mem_in_loop", "calls_in_loop", "steady_state",
@@ -532,9 +545,10 @@ def budget(row):
         fails.append("no " + "+".join(kinds) + " loop found")
         return None, None, fails
     value = sum(passes[kind].per_element for kind in kinds)
-    if k.dtype in BUDGET_DTYPES and value > limit:
+    budgeted = k.dtype in BUDGET_DTYPES and k.plain
+    if budgeted and value > limit:
         fails.append(f"{value:.1f} > {limit}/elem")
-    return value, (limit if k.dtype in BUDGET_DTYPES else None), fails
+    return value, (limit if budgeted else None), fails
 
 
 def csv_rows(kernels, toolkit, date):
@@ -542,7 +556,7 @@ def csv_rows(kernels, toolkit, date):
     for r in kernels:
         k, res = r["kernel"], r["res"]
         base = dict(toolkit=toolkit, arch=f"sm_{ARCH}", date=date, kernel=k.name, dtype=k.dtype, params=k.params,
-                    phase=k.phase or "", threads=k.threads, registers=res.registers,
+                    phase=k.phase or "", plain_variant=int(k.plain), threads=k.threads, registers=res.registers,
                     spill_stores_bytes=res.spill_stores, spill_loads_bytes=res.spill_loads, stack_bytes=res.stack,
                     static_smem_bytes=res.smem, blocks_per_sm=r["blocks"], warps_per_sm=r["warps"],
                     occupancy_limiter=r["limiter"], heuristic=HEURISTIC)

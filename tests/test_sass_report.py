@@ -11,8 +11,9 @@ sr = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sr)
 
 NS = "_ZN4fsce4cuda43_GLOBAL__N__4861de29_10_kernels_cu_b3b749b5"
-FWD = NS + "11rows_kernelI13__nv_bfloat16Li256ELi0EEEvNS_8CEParamsE"  # rows_kernel<bf16, 256, forward>
-BWD = NS + "11rows_kernelI13__nv_bfloat16Li1024ELi2EEEvNS_8CEParamsE"  # rows_kernel<bf16, 1024, backward>
+# rows_kernel<bf16, 256, forward, identity, no stats> and <bf16, 32, backward, identity, no stats>
+FWD = NS + "11rows_kernelI13__nv_bfloat16Li256ELi0ELi0ELb0EEEvNS_8CEParamsE"
+BWD = NS + "11rows_kernelI13__nv_bfloat16Li32ELi2ELi0ELb0EEEvNS_8CEParamsE"
 
 # Shaped like `cuobjdump -sass`: an encoding comment under each instruction,
 # `BRA 0x180;` with no space, the trap after EXIT, NOP padding.
@@ -72,7 +73,7 @@ ptxas info    : Compile time = 191.010 ms
 ptxas info    : Compiling entry function '{BWD}' for 'sm_90'
 ptxas info    : Function properties for {BWD}
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
-ptxas info    : Used 64 registers, used 1 barriers
+ptxas info    : Used 160 registers, used 1 barriers
 """
 
 
@@ -179,7 +180,7 @@ def test_access_bytes(op, size):
 def test_parse_ptxas():
     res = sr.parse_ptxas(PTXAS)
     assert res[FWD] == sr.Resources(registers=48, spill_stores=28, spill_loads=20, stack=24, smem=128)
-    assert res[BWD] == sr.Resources(registers=64, spill_stores=0, spill_loads=0, stack=0, smem=0)
+    assert res[BWD] == sr.Resources(registers=160, spill_stores=0, spill_loads=0, stack=0, smem=0)
 
 
 @pytest.mark.parametrize("regs,smem,threads,blocks,limiter", [
@@ -204,25 +205,31 @@ def test_resident_blocks_rejects_unlaunchable_blocks():
 
 
 @pytest.mark.parametrize("demangled,name,args", [
-    ("void fsce::cuda::(anonymous namespace)::rows_kernel<__nv_bfloat16, 256, 0>(fsce::CEParams)",
-     "rows_kernel", ["__nv_bfloat16", 256, 0]),
-    ("void fsce::cuda::(anonymous namespace)::rows_kernel<float, 1024, "
-     "(fsce::cuda::(anonymous namespace)::Phase)2>(fsce::CEParams)", "rows_kernel", ["float", 1024, 2]),
-    ("void fsce::cuda::(anonymous namespace)::split_grad_kernel<double>(fsce::CEParams, int, long)",
-     "split_grad_kernel", ["double"]),
+    ("void fsce::cuda::(anonymous namespace)::rows_kernel<__nv_bfloat16, 256, 0, 0, false>(fsce::CEParams)",
+     "rows_kernel", ["__nv_bfloat16", 256, 0, 0, "false"]),
+    ("void fsce::cuda::(anonymous namespace)::rows_kernel<float, 32, "
+     "(fsce::cuda::(anonymous namespace)::Phase)2, 1, true>(fsce::CEParams)", "rows_kernel",
+     ["float", 32, 2, 1, "true"]),
+    ("void fsce::cuda::(anonymous namespace)::split_grad_kernel<double, 2>(fsce::CEParams, int, long)",
+     "split_grad_kernel", ["double", 2]),
 ])
 def test_kernel_identity(demangled, name, args):
     assert sr.kernel_identity(demangled) == (name, args)
 
 
 def test_describe_uses_the_launch_table_and_fails_on_unknown_kernels():
-    k = sr.describe("void ns::rows_kernel<__half, 32, 1>(fsce::CEParams)")
-    assert (k.name, k.dtype, k.params, k.threads, k.phase) == ("rows_kernel", "fp16", "32, 1", 256, "forward_inplace")
-    assert sr.describe("void ns::rows_kernel<float, 1024, 2>(fsce::CEParams)").threads == 1024
+    k = sr.describe("void ns::rows_kernel<__half, 32, 1, 0, false>(fsce::CEParams)")
+    assert (k.name, k.dtype, k.params, k.threads, k.phase, k.plain) == (
+        "rows_kernel", "fp16", "32, 1, 0, false", 256, "forward_inplace", True)
+    # the logit transform or the statistics make a variant that is reported, not budgeted
+    assert not sr.describe("void ns::rows_kernel<float, 256, 2, 2, false>(fsce::CEParams)").plain
+    assert not sr.describe("void ns::spatial_kernel<float, 0, 0, true>(fsce::CEParams)").plain
+    assert not sr.describe("void ns::split_grad_kernel<float, 1>(fsce::CEParams, int, long)").plain
+    assert sr.describe("void ns::split_stats_kernel<float, 0, false>(fsce::CEParams, int, long)").plain
     with pytest.raises(SystemExit, match="unknown kernel new_kernel"):
         sr.describe("void ns::new_kernel<float>(fsce::CEParams)")
     with pytest.raises(SystemExit, match="no longer match"):
-        sr.describe("void ns::rows_kernel<float, 32>(fsce::CEParams)")  # a changed template
+        sr.describe("void ns::rows_kernel<float, 32, 0>(fsce::CEParams)")  # a changed template
 
 
 def test_launch_bounds():
@@ -234,24 +241,36 @@ needs_cxxfilt = pytest.mark.skipif(shutil.which("c++filt") is None, reason="c++f
 
 @needs_cxxfilt
 def test_analyse_and_budgets():
-    kernels = sr.analyse(PTXAS, SASS, elf({FWD: 256, BWD: 1024}))
+    kernels = sr.analyse(PTXAS, SASS, elf({FWD: 256, BWD: 256}))
     by_phase = {r["kernel"].phase: r for r in kernels}
     fwd, bwd = by_phase["forward"], by_phase["backward"]
-    assert (fwd["blocks"], fwd["warps"], bwd["blocks"], bwd["warps"]) == (5, 40, 1, 32)
+    assert (fwd["blocks"], fwd["warps"], bwd["blocks"], bwd["warps"]) == (5, 40, 1, 8)
     assert fwd["passes"]["read"].elements == 16 and fwd["passes"]["write"] is None
     value, limit, fails = sr.budget(fwd)
     assert (value, limit, fails) == (pytest.approx(11 / 16), 16, [])
     value, limit, fails = sr.budget(bwd)
     assert (value, limit) == (pytest.approx(5 / 8), 12)
-    assert fails == ["spill in loop"]  # the LDL in the write loop; 1 block of 32 warps passes occupancy
+    assert fails == ["spill in loop", "1 block/SM"]  # the LDL in the write loop; 160 registers: 8 warps
     table = sr.table(kernels)
-    assert "MISS: spill in loop" in table and "| rows_kernel | bf16 | 256, 0 | forward | 256 | 48 |" in table
+    assert "MISS: spill in loop" in table and "| rows_kernel | bf16 | 256, 0, 0, false | forward | 256 | 48 |" in table
+
+
+@needs_cxxfilt
+def test_budgets_apply_to_plain_variants_only():
+    # the same code as a softcap variant (TR = 2): reported, not held to the budget
+    softcap = FWD.replace("Li0ELi0ELb0E", "Li0ELi2ELb0E")
+    kernels = sr.analyse(PTXAS.replace(FWD, softcap), SASS.replace(FWD, softcap), elf({softcap: 256, BWD: 256}))
+    (fwd,) = [r for r in kernels if r["kernel"].phase == "forward"]
+    assert not fwd["kernel"].plain
+    fwd["passes"]["read"].path = 16 * 20  # 20 per element, over the plain budget of 16
+    value, limit, fails = sr.budget(fwd)
+    assert (value, limit, fails) == (pytest.approx(20), None, [])
 
 
 @needs_cxxfilt
 def test_analyse_fails_when_the_table_disagrees_with_launch_bounds():
     with pytest.raises(SystemExit, match="__launch_bounds__"):
-        sr.analyse(PTXAS, SASS, elf({FWD: 512, BWD: 1024}))
+        sr.analyse(PTXAS, SASS, elf({FWD: 512, BWD: 256}))
 
 
 @needs_cxxfilt
@@ -259,6 +278,6 @@ def test_analyse_fails_when_it_finds_no_loop():
     # a changed disassembly format must not pass the spill gate silently
     no_loops = "\n".join(line for line in SASS.splitlines() if " BRA " not in line)
     with pytest.raises(SystemExit, match="no element loop"):
-        sr.analyse(PTXAS, no_loops, elf({FWD: 256, BWD: 1024}))
+        sr.analyse(PTXAS, no_loops, elf({FWD: 256, BWD: 256}))
     with pytest.raises(SystemExit, match="format changed"):
         sr.analyse(PTXAS, "", "")
