@@ -16,7 +16,7 @@ endif
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 STAMP := build/.installed
 
-.PHONY: test bench bench-full bench-linear bench-vocab-parallel setup clean
+.PHONY: test bench bench-full bench-linear bench-vocab-parallel sass setup clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ bench-linear: $(STAMP)
 
 bench-vocab-parallel: $(STAMP)
 	$(PY) bench/bench_vocab_parallel.py
+
+# The static SASS report of the CUDA kernels for sm_90 (needs nvcc, no GPU);
+# SASS_ARGS=--check fails on a spill inside a hot loop.
+sass: build/.deps
+	$(PY) bench/sass_report.py $(SASS_ARGS)
 
 clean:
 	rm -rf build *.egg-info fused_softmax_ce/_C*.so

@@ -3,8 +3,10 @@
 // Contiguous rows (inner == 1): a group of G threads owns one row (a warp for
 // small C, a whole block for large C). Loads are 16-byte vectors after a
 // scalar head that reaches 16-byte alignment, so odd C such as 50257 keeps
-// the vector path. The forward is one online pass (running max and rescaled
-// sum, exp2-based, fp32); the backward recomputes softmax from the saved lse.
+// the vector path. The forward is one online pass (running max, rescaled
+// once per vector, and sum, exp2-based, fp32); the backward recomputes
+// softmax from the saved lse. Plain rows (class indices, no weights, no
+// smoothing) have loops of their own, free of per-class coefficients.
 // Spatial rows (N, C, S): one thread per (n, s), threads laid along s so that
 // loads over c coalesce. All offsets are int64.
 #include <c10/cuda/CUDAException.h>
@@ -39,8 +41,17 @@ __device__ __forceinline__ T from_acc(A v) {
   }
 }
 
-__device__ __forceinline__ float exp_acc(float x) { return exp2f(x * kLog2e); }
+// ex2.approx.ftz: exp2f without its fix-up for denormal results (below
+// 1.2e-38, which a softmax term may round to 0); the same 2-ulp accuracy.
+__device__ __forceinline__ float exp_acc(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * kLog2e));
+  return y;
+}
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+__device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t neg_inf() {
@@ -68,16 +79,24 @@ __device__ __forceinline__ Partial<acc_t> empty_partial() {
   return {neg_inf<acc_t>(), 0, 0, 0, -1, neg_inf<acc_t>(), -1};
 }
 
+// torch.argmax's order: nan above every number, so that the first nan wins.
+template <typename acc_t>
+__device__ __forceinline__ bool beats(acc_t x, acc_t y) {
+  return x > y || (x != x && y == y);
+}
+
 // The first argmax of two halves: the larger value, the lower index on a tie.
 template <typename acc_t>
 __device__ __forceinline__ int64_t first_argmax(acc_t va, int64_t ia, acc_t vb, int64_t ib) {
-  if (ia < 0 || (ib >= 0 && (vb > va || (vb == va && ib < ia)))) return ib;
+  const bool tie = vb == va || (vb != vb && va != va);
+  if (ia < 0 || (ib >= 0 && (beats(vb, va) || (tie && ib < ia)))) return ib;
   return ia;
 }
 
 template <bool STATS, typename acc_t>
 __device__ __forceinline__ Partial<acc_t> merge(Partial<acc_t> a, Partial<acc_t> b) {
-  const acc_t m = a.m > b.m ? a.m : b.m;
+  // With statistics a nan max stays (it is the argmax); the sum is nan either way.
+  const acc_t m = (STATS ? beats(a.m, b.m) : a.m > b.m) ? a.m : b.m;
   Partial<acc_t> out;
   out.m = m;
   // Both sides still at -inf: exp(-inf - -inf) would be nan.
@@ -86,7 +105,7 @@ __device__ __forceinline__ Partial<acc_t> merge(Partial<acc_t> a, Partial<acc_t>
   out.saz = a.saz + b.saz;
   if constexpr (STATS) {
     out.pred = first_argmax(a.m, a.pred, b.m, b.pred);
-    out.t_max = a.t_max > b.t_max ? a.t_max : b.t_max;
+    out.t_max = beats(a.t_max, b.t_max) ? a.t_max : b.t_max;
     out.target_pred = first_argmax(a.t_max, a.target_pred, b.t_max, b.target_pred);
   } else {
     out.pred = out.target_pred = -1;
@@ -95,15 +114,34 @@ __device__ __forceinline__ Partial<acc_t> merge(Partial<acc_t> a, Partial<acc_t>
   return out;
 }
 
-// Absorbs v_j: the max update also records the first argmax (statistics).
-template <bool STATS, typename acc_t>
-__device__ __forceinline__ void absorb(Partial<acc_t>& p, acc_t x, int64_t j) {
-  if (x > p.m) {
-    p.s *= exp_acc(p.m - x);
-    p.m = x;
-    if constexpr (STATS) p.pred = j;
+// Absorbs v_j .. v_{j+N-1}. Without statistics: one rescale per N values
+// (against their max), one exp per value. With them, value by value, so that
+// the max update records the first argmax (a nan included, as torch.argmax).
+template <bool STATS, int N, typename acc_t>
+__device__ __forceinline__ void absorb(Partial<acc_t>& p, const acc_t (&v)[N], int64_t j) {
+  if constexpr (STATS) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (v[k] > p.m || (v[k] != v[k] && p.m == p.m)) {
+        p.s *= exp_acc(p.m - v[k]);
+        p.m = v[k];
+        p.pred = j + k;
+      }
+      if (v[k] != neg_inf<acc_t>()) p.s += exp_acc(v[k] - p.m);
+    }
+  } else {
+    acc_t cm = v[0];  // fmax skips nan: a nan reaches the sum below
+#pragma unroll
+    for (int k = 1; k < N; ++k) cm = max_acc(cm, v[k]);
+    if (cm > p.m) {
+      p.s *= exp_acc(p.m - cm);
+      p.m = cm;
+    }
+    // While only -inf has been seen, shift by 0: exp(-inf - -inf) would be nan.
+    const acc_t shift = p.m == neg_inf<acc_t>() ? acc_t(0) : p.m;
+#pragma unroll
+    for (int k = 0; k < N; ++k) p.s += exp_acc(v[k] - shift);
   }
-  if (x != neg_inf<acc_t>()) p.s += exp_acc(x - p.m);
 }
 
 template <bool STATS, typename acc_t>
@@ -121,11 +159,21 @@ __device__ __forceinline__ Partial<acc_t> shfl_xor(const Partial<acc_t>& p, int 
   return o;
 }
 
+// N consecutive values of a row, in acc_t.
+template <typename acc_t, int N>
+struct Values {
+  acc_t x[N];
+  static constexpr int size = N;
+};
+
+// A load of VB bytes (16 or 8).
+template <int VB>
+using VecOf = std::conditional_t<VB == 16, uint4, uint2>;
+
 // G consecutive threads (G <= 32, or G == blockDim.x) own one row.
 template <typename T, int G>
 struct GroupWalker {
   using acc_t = typename AccOf<T>::type;
-  static constexpr int kVec = 16 / sizeof(T);
   // Groups of up to a warp reduce through shuffles only (larger ones pass a
   // __syncthreads in reduce()).
   static constexpr bool kSyncsWarp = G <= 32;
@@ -134,46 +182,51 @@ struct GroupWalker {
 
   __device__ __forceinline__ bool leader() const { return lane == 0; }
 
-  // Calls f(j, z_j) for this thread's columns j of a contiguous row z.
-  template <typename F>
+  // Calls f(j, x) for this thread's columns of a contiguous row z, where x
+  // holds z_j .. z_{j+N-1} in acc_t: N = VB / sizeof(T) in the vector body
+  // (loads of VB bytes, U in flight), 1 in the scalar head and tail.
+  template <int U, int VB, typename F>
   __device__ __forceinline__ void each(const T* z, F&& f) const {
+    constexpr int kVec = VB / sizeof(T);
     const int64_t body = body_start(z);
-    for (int64_t j = begin + lane; j < body; j += G) f(j, to_acc(z[j]));
+    for (int64_t j = begin + lane; j < body; j += G) f(j, scalar(z[j]));
     const int64_t nvec = (end - body) / kVec;
-    const uint4* vec = reinterpret_cast<const uint4*>(z + body);
-#pragma unroll 4
-    for (int64_t v = lane; v < nvec; v += G) {
-      const uint4 raw = vec[v];
-      const T* vals = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) f(body + v * kVec + k, to_acc(vals[k]));
-    }
-    for (int64_t j = body + nvec * kVec + lane; j < end; j += G) f(j, to_acc(z[j]));
+    const auto* vec = reinterpret_cast<const VecOf<VB>*>(z + body);
+#pragma unroll U
+    for (int64_t v = lane; v < nvec; v += G) f(body + v * kVec, unpack(vec[v]));
+    for (int64_t j = body + nvec * kVec + lane; j < end; j += G) f(j, scalar(z[j]));
   }
 
-  // out[j] = f(j, z_j); out may alias z (each element is read, then written, by one thread).
+  // Calls f(j) for this thread's columns, reading nothing.
   template <typename F>
+  __device__ __forceinline__ void columns(F&& f) const {
+    for (int64_t j = begin + lane; j < end; j += G) f(j);
+  }
+
+  // out[j..j+N) = f(j, x) (N values in acc_t, x as in each()); out may alias
+  // z (each element is read, then written, by one thread).
+  template <int U, int VB, typename F>
   __device__ __forceinline__ void transform(const T* z, T* out, F&& f) const {
+    constexpr int kVec = VB / sizeof(T);
     const bool same_phase =
         ((reinterpret_cast<uintptr_t>(z) ^ reinterpret_cast<uintptr_t>(out)) & 15) == 0;
     const int64_t body = same_phase ? body_start(z) : end;
-    for (int64_t j = begin + lane; j < body; j += G) out[j] = from_acc<T>(f(j, to_acc(z[j])));
+    for (int64_t j = begin + lane; j < body; j += G) out[j] = from_acc<T>(f(j, scalar(z[j])).x[0]);
     if (!same_phase) return;
     const int64_t nvec = (end - body) / kVec;
-    const uint4* in_vec = reinterpret_cast<const uint4*>(z + body);
-    uint4* out_vec = reinterpret_cast<uint4*>(out + body);
-#pragma unroll 4
+    const auto* in_vec = reinterpret_cast<const VecOf<VB>*>(z + body);
+    auto* out_vec = reinterpret_cast<VecOf<VB>*>(out + body);
+#pragma unroll U
     for (int64_t v = lane; v < nvec; v += G) {
-      const uint4 raw = in_vec[v];
-      const T* vals = reinterpret_cast<const T*>(&raw);
-      uint4 packed;
+      const Values<acc_t, kVec> d = f(body + v * kVec, unpack(in_vec[v]));
+      VecOf<VB> packed;
       T* res = reinterpret_cast<T*>(&packed);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) res[k] = from_acc<T>(f(body + v * kVec + k, to_acc(vals[k])));
+      for (int k = 0; k < kVec; ++k) res[k] = from_acc<T>(d.x[k]);
       out_vec[v] = packed;
     }
     for (int64_t j = body + nvec * kVec + lane; j < end; j += G)
-      out[j] = from_acc<T>(f(j, to_acc(z[j])));
+      out[j] = from_acc<T>(f(j, scalar(z[j])).x[0]);
   }
 
   template <bool STATS>
@@ -193,6 +246,18 @@ struct GroupWalker {
   }
 
  private:
+  __device__ __forceinline__ static Values<acc_t, 1> scalar(T z) { return {{to_acc(z)}}; }
+
+  template <typename V>
+  __device__ __forceinline__ static Values<acc_t, sizeof(V) / sizeof(T)> unpack(V raw) {
+    constexpr int kVec = sizeof(V) / sizeof(T);
+    const T* vals = reinterpret_cast<const T*>(&raw);
+    Values<acc_t, kVec> x;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) x.x[k] = to_acc(vals[k]);
+    return x;
+  }
+
   // The first column at or after `begin` whose address is 16-byte aligned
   // (z is element-aligned); the columns before it are the scalar head.
   __device__ __forceinline__ int64_t body_start(const T* z) const {
@@ -211,19 +276,55 @@ struct StridedWalker {
 
   __device__ __forceinline__ bool leader() const { return true; }
 
-  template <typename F>
+  // Calls f(j, x) with x = z_j .. z_{j+K-1}: K = VB / sizeof(T) strided
+  // elements gathered (1 for float64), so that the forward rescales once per
+  // K; U groups in flight.
+  template <int U, int VB, typename F>
   __device__ __forceinline__ void each(const T* z, F&& f) const {
-    for (int64_t j = 0; j < C; ++j) f(j, to_acc(z[j * step]));
+    constexpr int K = group<VB>();
+    int64_t j = 0;
+#pragma unroll U
+    for (; j + K <= C; j += K) f(j, gather<K>(z, j));
+    for (; j < C; ++j) f(j, gather<1>(z, j));
   }
 
   template <typename F>
+  __device__ __forceinline__ void columns(F&& f) const {
+    for (int64_t j = 0; j < C; ++j) f(j);
+  }
+
+  template <int U, int VB, typename F>
   __device__ __forceinline__ void transform(const T* z, T* out, F&& f) const {
-    for (int64_t j = 0; j < C; ++j) out[j * step] = from_acc<T>(f(j, to_acc(z[j * step])));
+    constexpr int K = group<VB>();
+    int64_t j = 0;
+#pragma unroll U
+    for (; j + K <= C; j += K) scatter(out, j, f(j, gather<K>(z, j)));
+    for (; j < C; ++j) scatter(out, j, f(j, gather<1>(z, j)));
   }
 
   template <bool STATS>
   __device__ __forceinline__ Partial<acc_t> reduce(Partial<acc_t> p) const {
     return p;
+  }
+
+ private:
+  template <int VB>
+  __device__ __forceinline__ static constexpr int group() {
+    return sizeof(T) == 8 ? 1 : VB / static_cast<int>(sizeof(T));
+  }
+
+  template <int K>
+  __device__ __forceinline__ Values<acc_t, K> gather(const T* z, int64_t j) const {
+    Values<acc_t, K> x;
+#pragma unroll
+    for (int k = 0; k < K; ++k) x.x[k] = to_acc(z[(j + k) * step]);
+    return x;
+  }
+
+  template <int K>
+  __device__ __forceinline__ void scatter(T* out, int64_t j, const Values<acc_t, K>& d) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) out[(j + k) * step] = from_acc<T>(d.x[k]);
   }
 };
 
@@ -242,7 +343,7 @@ struct RowContext {
   int64_t step;
   acc_t eps, inv_c;
   int mode;
-  bool active, skip;
+  bool active, skip, empty;
 
   __device__ __forceinline__ RowContext(const CEParams& p, int64_t r, bool is_active) {
     const int64_t row = is_active ? r : 0;
@@ -260,7 +361,8 @@ struct RowContext {
     inv_c = acc_t(1) / static_cast<acc_t>(p.total_classes);
     mode = row_mode(p.target_prob != nullptr, tgt);
     active = is_active;
-    skip = !is_active || tgt.ignored || tgt.invalid || p.classes == 0;
+    skip = !is_active || tgt.ignored || tgt.invalid;
+    empty = p.classes == 0;  // a shard without classes: lse = -inf, as on the CPU
   }
 
   __device__ __forceinline__ acc_t target_at(int64_t j) const {
@@ -275,7 +377,7 @@ struct RowContext {
 
   // Read before any thread of the row writes (the in-place phase overwrites z).
   __device__ __forceinline__ acc_t pivot() const {
-    return skip ? acc_t(0) : finite_or_zero(tr.value(to_acc(z[0])));
+    return skip || empty ? acc_t(0) : finite_or_zero(tr.value(to_acc(z[0])));
   }
   __device__ __forceinline__ acc_t v_y() const {
     return (!skip && tgt.y >= 0) ? tr.value(to_acc(z[tgt.y * step])) : acc_t(0);
@@ -283,30 +385,58 @@ struct RowContext {
   __device__ __forceinline__ acc_t fill() const { return tgt.ignored ? acc_t(0) : quiet_nan<acc_t>(); }
 };
 
+// Loads in flight per thread in a row pass, and their bytes: plain rows
+// keep two 16-byte loads in flight (one for float64, whose exp is long);
+// rows with coefficients (weights, smoothing, probabilities) read a weight
+// or target per element and take one 8-byte load at a time, so that their
+// loops do not spill.
+template <typename T, bool GENERAL>
+constexpr int unroll_of() {
+  return GENERAL || sizeof(T) == 8 ? 1 : 2;
+}
+template <bool GENERAL>
+constexpr int vec_bytes_of() {
+  return GENERAL ? 8 : 16;
+}
+
 // This thread's share of the row's online-softmax state (not yet reduced).
-template <bool STATS, typename T, int TR, typename Walker>
-__device__ __forceinline__ Partial<typename AccOf<T>::type> row_partial(
+// GENERAL: the row's mode is not kPlain (a loop of its own, so that plain
+// rows pay nothing for coefficients).
+template <bool STATS, bool GENERAL, typename T, int TR, typename Walker>
+__device__ __forceinline__ Partial<typename AccOf<T>::type> row_pass(
     const RowContext<T, TR>& row, const Walker& walk, typename AccOf<T>::type pivot) {
   using acc_t = typename AccOf<T>::type;
   Partial<acc_t> part = empty_partial<acc_t>();
-  if (!row.skip) {
-    walk.each(row.z, [&](int64_t j, acc_t x) {
-      const acc_t v = row.tr.value(x);
-      absorb<STATS>(part, v, j);
-      if (row.mode != kPlain) {
-        const acc_t a = row.coef(j);
+  walk.template each<unroll_of<T, GENERAL>(), vec_bytes_of<GENERAL>()>(row.z, [&](int64_t j, const auto& x) {
+    constexpr int N = std::remove_reference_t<decltype(x)>::size;
+    acc_t v[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = row.tr.value(x.x[k]);
+    absorb<STATS>(part, v, j);
+    if constexpr (GENERAL) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const acc_t a = row.coef(j + k);
         part.sa += a;
-        part.saz += a * (v - pivot);
-      }
-      if constexpr (STATS) {
-        if (row.mode == kProb) {
-          const acc_t t = row.target_at(j);
-          if (t > part.t_max || part.target_pred < 0) part.t_max = t, part.target_pred = j;
+        part.saz += a * (v[k] - pivot);
+        if constexpr (STATS) {
+          if (row.mode == kProb) {
+            const acc_t t = row.target_at(j + k);
+            if (beats(t, part.t_max) || part.target_pred < 0) part.t_max = t, part.target_pred = j + k;
+          }
         }
       }
-    });
-  }
+    }
+  });
   return part;
+}
+
+template <bool STATS, typename T, int TR, typename Walker>
+__device__ __forceinline__ Partial<typename AccOf<T>::type> row_partial(
+    const RowContext<T, TR>& row, const Walker& walk, typename AccOf<T>::type pivot) {
+  if (row.skip) return empty_partial<typename AccOf<T>::type>();
+  if (row.mode == kPlain) return row_pass<STATS, false>(row, walk, pivot);
+  return row_pass<STATS, true>(row, walk, pivot);
 }
 
 template <bool STATS, typename T, int TR>
@@ -322,18 +452,40 @@ __device__ __forceinline__ void write_loss(const CEParams& p, int64_t r, const R
   static_cast<double*>(p.lse)[r] = row.skip ? static_cast<double>(row.fill())
                                             : static_cast<double>(part.m) + static_cast<double>(log_s);
   if constexpr (STATS) {
-    // A row of only -inf (or nan) never updated its argmax: PyTorch's is 0.
-    const int64_t pred = part.pred < 0 ? 0 : part.pred;
-    p.pred[r] = row.skip ? -1 : pred + p.class_offset;
-    if (p.target_pred) {
-      const int64_t tp = part.target_pred < 0 ? 0 : part.target_pred;
-      p.target_pred[r] = row.skip ? -1 : tp + p.class_offset;
-    }
+    // A row of only -inf never updated its argmax: PyTorch's is 0.
+    const bool none = row.skip || row.empty;
+    p.pred[r] = none ? -1 : (part.pred < 0 ? 0 : part.pred) + p.class_offset;
+    if (p.target_pred)
+      p.target_pred[r] = none ? -1 : (part.target_pred < 0 ? 0 : part.target_pred) + p.class_offset;
   }
 }
 
 // grad = dvalue * (gA p - gk a - [j == y] gy) over the walker's columns
-// (row_math.h), with lse = hi + lo.
+// (row_math.h), with lse = hi + lo; GENERAL as in row_pass.
+template <bool GENERAL, typename T, int TR, typename Walker>
+__device__ __forceinline__ void grad_pass(const RowContext<T, TR>& row, const Walker& walk,
+                                          typename AccOf<T>::type hi, typename AccOf<T>::type lo,
+                                          const GradCoefs<typename AccOf<T>::type>& c) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t y = row.tgt.y;
+  walk.template transform<unroll_of<T, GENERAL>(), vec_bytes_of<GENERAL>()>(row.z, row.g_out, [&](int64_t j, const auto& x) {
+    constexpr int N = std::remove_reference_t<decltype(x)>::size;
+    // The target's slot in these N columns, or -1 (one 64-bit test per vector).
+    const int ky = static_cast<uint64_t>(y - j) < static_cast<uint64_t>(N) ? static_cast<int>(y - j) : -1;
+    Values<acc_t, N> out;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      acc_t slope;
+      const acc_t v = row.tr.value_slope(x.x[k], slope);
+      acc_t d = c.gA * exp_acc((v - hi) - lo);
+      if constexpr (GENERAL) d -= c.gk * row.coef(j + k);
+      if (k == ky) d -= c.gy;  // folded in fp32, before rounding to the output type
+      out.x[k] = TR == kIdentity ? d : d * slope;
+    }
+    return out;
+  });
+}
+
 template <typename T, int TR, typename Walker>
 __device__ __forceinline__ void write_grad(const RowContext<T, TR>& row, const Walker& walk,
                                            typename AccOf<T>::type hi, typename AccOf<T>::type lo,
@@ -344,19 +496,19 @@ __device__ __forceinline__ void write_grad(const RowContext<T, TR>& row, const W
   if (!row.active) return;
   if (row.skip) {
     const acc_t fill = row.fill();
-    walk.transform(row.z, row.g_out, [&](int64_t, acc_t) { return fill; });
+    walk.template transform<1, 16>(row.z, row.g_out, [&](int64_t, const auto& x) {
+      Values<acc_t, std::remove_reference_t<decltype(x)>::size> out;
+#pragma unroll
+      for (int k = 0; k < out.size; ++k) out.x[k] = fill;
+      return out;
+    });
     return;
   }
   const GradCoefs<acc_t> c = grad_coefs(row.tgt, sum_a, scale, lse_grad);
-  const int64_t y = row.tgt.y;
-  walk.transform(row.z, row.g_out, [&](int64_t j, acc_t x) {
-    acc_t slope;
-    const acc_t v = row.tr.value_slope(x, slope);
-    acc_t d = c.gA * exp_acc((v - hi) - lo);
-    if (row.mode != kPlain) d -= c.gk * row.coef(j);
-    if (j == y) d -= c.gy;  // folded in fp32, before rounding to the output type
-    return TR == kIdentity ? d : d * slope;
-  });
+  if (row.mode == kPlain)
+    grad_pass<false>(row, walk, hi, lo, c);
+  else
+    grad_pass<true>(row, walk, hi, lo, c);
 }
 
 // What the backward reads back for row r: the saved lse (as hi + lo) and
@@ -401,21 +553,22 @@ __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool a
     load_saved(p, r, row, hi, lo, scale, lse_grad);
     if (row.mode == kProb) {
       Partial<acc_t> part = empty_partial<acc_t>();
-      if (!row.skip) walk.each(row.z, [&](int64_t j, acc_t) { part.sa += row.coef(j); });
+      if (!row.skip) walk.columns([&](int64_t j) { part.sa += row.coef(j); });
       sa = walk.template reduce<false>(part).sa;
     }
     write_grad(row, walk, hi, lo, scale, row_sum_a<acc_t>(p, row.mode, sa), lse_grad);
   }
 }
 
-template <int G>
-constexpr int block_threads() {
-  return G > 256 ? G : 256;
-}
+// Row kernels: 256 threads, at least 2 blocks resident per SM (a bound of
+// 128 registers). Larger blocks would bound the in-place and float64 loops
+// to 64 registers, where they spill.
+constexpr int kRowThreads = 256;
+constexpr int kRowBlocksPerSM = 2;
 
 template <typename T, int G, int PHASE, int TR, bool STATS>
-__global__ void __launch_bounds__(block_threads<G>()) rows_kernel(const CEParams p) {
-  constexpr int kGroups = block_threads<G>() / G;
+__global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) rows_kernel(const CEParams p) {
+  constexpr int kGroups = kRowThreads / G;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / G;
   GroupWalker<T, G> walk{static_cast<int>(threadIdx.x % G), 0, p.classes};
   process_row<T, PHASE, TR, STATS>(p, r, r < p.rows, walk);
@@ -481,21 +634,33 @@ __global__ void __launch_bounds__(kSplitThreads) split_grad_kernel(const CEParam
   write_grad(row, walk, hi, lo, scale, row_sum_a<acc_t>(p, row.mode, acc_t(0)), lse_grad);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(256) scale_kernel(const CEParams p) {
+// scale_grad_: grad[row] *= grad_output[row], rows walked as by the row
+// kernels (G threads per contiguous row with 16-byte vectors, or G == 1: a
+// thread per spatial row), grid-stride over rows: no division per element.
+constexpr int kScaleThreads = 256;
+
+template <typename T, int G>
+__global__ void __launch_bounds__(kScaleThreads) scale_kernel(const CEParams p) {
   using acc_t = typename AccOf<T>::type;
   const auto* g = static_cast<const acc_t*>(p.grad_output);
   // The usual loss.backward() of a mean or sum: nothing to do, and no host
   // sync to find that out.
   if (p.grad_output_stride == 0 && g[0] == acc_t(1)) return;
-  const int64_t total = p.rows * p.classes;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = e / (p.classes * p.inner);
-    const int64_t rest = e % (p.classes * p.inner);
-    const int64_t j = rest / p.inner, s = rest % p.inner;
-    T& v = static_cast<T*>(p.grad)[n * p.grad_outer_stride + j * p.inner + s];
-    v = from_acc<T>(to_acc(v) * g[(n * p.inner + s) * p.grad_output_stride]);
+  constexpr int kGroups = kScaleThreads / G;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / G; r < p.rows;
+       r += static_cast<int64_t>(gridDim.x) * kGroups) {
+    T* row = static_cast<T*>(p.grad) + row_offsets(p, r).grad;
+    const acc_t k = g[r * p.grad_output_stride];
+    const auto times_k = [&](int64_t, const auto& x) {
+      std::remove_const_t<std::remove_reference_t<decltype(x)>> out;
+#pragma unroll
+      for (int i = 0; i < out.size; ++i) out.x[i] = x.x[i] * k;
+      return out;
+    };
+    if constexpr (G == 1)
+      StridedWalker<T>{p.classes, p.inner}.template transform<1, 16>(row, row, times_k);
+    else
+      GroupWalker<T, G>{static_cast<int>(threadIdx.x % G), 0, p.classes}.template transform<2, 16>(row, row, times_k);
   }
 }
 
@@ -524,11 +689,9 @@ void launch_rows(const CEParams& p, cudaStream_t stream) {
   if (p.inner > 1) {
     spatial_kernel<T, PHASE, TR, STATS><<<grid_of((p.rows + 255) / 256), 256, 0, stream>>>(p);
   } else if (p.classes <= 2048) {
-    rows_kernel<T, 32, PHASE, TR, STATS><<<grid_of((p.rows + 7) / 8), 256, 0, stream>>>(p);
-  } else if (p.classes <= 32768) {
-    rows_kernel<T, 256, PHASE, TR, STATS><<<grid_of(p.rows), 256, 0, stream>>>(p);
+    rows_kernel<T, 32, PHASE, TR, STATS><<<grid_of((p.rows + 7) / 8), kRowThreads, 0, stream>>>(p);
   } else {
-    rows_kernel<T, 1024, PHASE, TR, STATS><<<grid_of(p.rows), 1024, 0, stream>>>(p);
+    rows_kernel<T, kRowThreads, PHASE, TR, STATS><<<grid_of(p.rows), kRowThreads, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -626,11 +789,20 @@ void backward(const CEParams& p, cudaStream_t stream) {
 }
 
 void scale_rows(const CEParams& p, cudaStream_t stream) {
-  const int64_t needed = (p.rows * p.classes + 255) / 256;
-  const int64_t wave = 4 * static_cast<int64_t>(sm_count());
+  // Row groups as the row kernels pick them; at most 8 blocks per SM, each
+  // walking rows with a grid stride.
+  const int G = p.inner > 1 ? 1 : p.classes <= 2048 ? 32 : kScaleThreads;
+  const int64_t needed = (p.rows + kScaleThreads / G - 1) / (kScaleThreads / G);
+  const int64_t wave = 8 * static_cast<int64_t>(sm_count());
   const unsigned blocks = grid_of(needed < wave ? needed : wave);
   by_dtype(p.dtype, [&](auto tag) {
-    scale_kernel<decltype(tag)><<<blocks, 256, 0, stream>>>(p);
+    using T = decltype(tag);
+    if (G == 1)
+      scale_kernel<T, 1><<<blocks, kScaleThreads, 0, stream>>>(p);
+    else if (G == 32)
+      scale_kernel<T, 32><<<blocks, kScaleThreads, 0, stream>>>(p);
+    else
+      scale_kernel<T, kScaleThreads><<<blocks, kScaleThreads, 0, stream>>>(p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
