@@ -156,6 +156,18 @@ def test_argmax_ties_take_the_first_index(device):
 
 
 @device_param()
+@pytest.mark.parametrize("c", [5, 40, 77])  # scalar tail only, and the vector path
+def test_argmax_takes_the_first_nan_as_torch(device, c):
+    logits = random_logits((3, c), torch.float32, device)
+    logits[0, c // 2] = float("nan")
+    logits[0, c - 1] = float("nan")
+    logits[1, 1] = float("nan")
+    _, _, pred, _ = ops.ce_forward(logits, torch.zeros(3, dtype=torch.long, device=device), None, -100, 0.0,
+                                   1.0, 0.0, True)
+    assert pred.tolist() == logits.argmax(1).tolist()
+
+
+@device_param()
 def test_defaults_are_bit_for_bit_unchanged(device):
     logits, target, weight = problem(device, torch.float32, (9, 33), False, True, True)
     plain = fce.cross_entropy(logits, target, weight=weight, label_smoothing=0.1, reduction="none")

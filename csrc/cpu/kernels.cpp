@@ -202,22 +202,27 @@ FSCE_VINLINE void absorb(vfloat& m, vfloat& s, const vfloat (&x)[NV]) {
   m = nm;
 }
 
-// Per-lane first argmax (strictly greater replaces), for the statistics.
+// Per-lane first argmax for the statistics, as torch.argmax: strictly
+// greater replaces, and the first nan wins over everything.
 struct LaneArgmax {
   vfloat m = splat(-std::numeric_limits<float>::infinity());
   vint i = vint{} - 1;
 
   FSCE_VINLINE void update(vfloat x, int64_t j) {
-    const vint gt = x > m;
-    m = gt ? x : m;
-    i = gt ? lane_ids() + static_cast<int>(j) : i;
+    const vint take = (x > m) | ((x != x) & (m == m));
+    m = take ? x : m;
+    i = take ? lane_ids() + static_cast<int>(j) : i;
   }
-  // The lowest index among the lanes holding the maximum.
+  // The lowest index among the lanes holding the maximum (or a nan).
   FSCE_VINLINE int64_t first() const {
+    bool any_nan = false;
+    for (int l = 0; l < kLanes; ++l) any_nan |= m[l] != m[l];
     const float top = hmax(m);
     int64_t best = -1;
-    for (int l = 0; l < kLanes; ++l)
-      if (m[l] == top && i[l] >= 0 && (best < 0 || i[l] < best)) best = i[l];
+    for (int l = 0; l < kLanes; ++l) {
+      const bool is_top = any_nan ? m[l] != m[l] : m[l] == top;
+      if (is_top && i[l] >= 0 && (best < 0 || i[l] < best)) best = i[l];
+    }
     return best;
   }
 };
