@@ -156,6 +156,20 @@ def test_argmax_ties_take_the_first_index(device):
 
 
 @device_param()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_argmax_ties_in_long_rows(device, dtype, softcap):
+    # Ties in other lanes, chunks and vectors of the SIMD pass, before and after the first one.
+    logits = random_logits((6, 300), dtype, device)
+    for row, positions in enumerate([(7, 100), (70, 3), (64, 65), (0, 299), (150, 151, 16), (255, 256)]):
+        for pos in positions:
+            logits[row, pos] = 50.0
+    _, _, pred, _ = ops.ce_forward(logits, torch.zeros(6, dtype=torch.long, device=device), None, -100, 0.0,
+                                   1.0, softcap or 0.0, True)
+    assert pred.tolist() == [min(p) for p in [(7, 100), (70, 3), (64, 65), (0, 299), (150, 151, 16), (255, 256)]]
+
+
+@device_param()
 @pytest.mark.parametrize("c", [5, 40, 77])  # scalar tail only, and the vector path
 def test_argmax_takes_the_first_nan_as_torch(device, c):
     logits = random_logits((3, c), torch.float32, device)

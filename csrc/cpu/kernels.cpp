@@ -188,9 +188,9 @@ FSCE_VINLINE vfloat coef_vec(Probs<T> t, const float* w, int64_t j, int count, f
 }
 
 // Folds NV vectors into the per-lane running max and rescaled sum: one
-// rescale per NV vectors, one exp2 per element.
+// rescale per NV vectors, one exp2 per element. Returns the chunk's max.
 template <int NV>
-FSCE_VINLINE void absorb(vfloat& m, vfloat& s, const vfloat (&x)[NV]) {
+FSCE_VINLINE vfloat absorb(vfloat& m, vfloat& s, const vfloat (&x)[NV]) {
   vfloat cm = x[0];
   for (int k = 1; k < NV; ++k) cm = vmax(cm, x[k]);
   const vfloat nm = vmax(m, cm);
@@ -200,28 +200,41 @@ FSCE_VINLINE void absorb(vfloat& m, vfloat& s, const vfloat (&x)[NV]) {
   for (int k = 0; k < NV; ++k) acc += exp2v((x[k] - shift) * kLog2e);
   s = acc;
   m = nm;
+  return cm;
 }
 
-// Per-lane first argmax for the statistics, as torch.argmax: strictly
-// greater replaces, and the first nan wins over everything.
-struct LaneArgmax {
+// Per-lane first argmax at chunk granularity, for the statistics: a lane
+// remembers the first chunk (of up to 4 vectors) whose maximum beat its own;
+// first() then finds the element inside that chunk. A compare and two blends
+// per chunk, not per element. (A nan row is resolved by stats_vec.)
+struct ChunkArgmax {
   vfloat m = splat(-std::numeric_limits<float>::infinity());
-  vint i = vint{} - 1;
+  vint base = vint{} - 1;
 
-  FSCE_VINLINE void update(vfloat x, int64_t j) {
-    const vint take = (x > m) | ((x != x) & (m == m));
-    m = take ? x : m;
-    i = take ? lane_ids() + static_cast<int>(j) : i;
+  FSCE_VINLINE void update(vfloat chunk_max, int64_t j) {
+    const vint gt = chunk_max > m;
+    m = gt ? chunk_max : m;
+    base = gt ? vint{} + static_cast<int>(j) : base;
   }
-  // The lowest index among the lanes holding the maximum (or a nan).
-  FSCE_VINLINE int64_t first() const {
-    bool any_nan = false;
-    for (int l = 0; l < kLanes; ++l) any_nan |= m[l] != m[l];
+
+  // The lowest class index holding the row's maximum; value_at(i) recomputes
+  // element i as the pass saw it.
+  template <typename ValueAt>
+  FSCE_VINLINE int64_t first(int64_t C, ValueAt value_at) const {
     const float top = hmax(m);
     int64_t best = -1;
     for (int l = 0; l < kLanes; ++l) {
-      const bool is_top = any_nan ? m[l] != m[l] : m[l] == top;
-      if (is_top && i[l] >= 0 && (best < 0 || i[l] < best)) best = i[l];
+      if (m[l] != top || base[l] < 0) continue;
+      int64_t found = -1;
+      float found_v = -std::numeric_limits<float>::infinity();
+      for (int k = 0; k < 4; ++k) {
+        const int64_t i = int64_t(base[l]) + k * kLanes + l;
+        if (i >= C) break;
+        const float v = value_at(i);
+        if (v > found_v || found < 0) found = i, found_v = v;
+        if (v == top) break;
+      }
+      if (found >= 0 && (best < 0 || found < best)) best = found;
     }
     return best;
   }
@@ -230,7 +243,7 @@ struct LaneArgmax {
 // Everything the statistics pass accumulates per lane.
 struct LaneState {
   vfloat m = splat(-std::numeric_limits<float>::infinity()), s{}, sa{}, saz{};
-  LaneArgmax pred, target_pred;
+  ChunkArgmax pred, target_pred;
 };
 
 template <typename T, int MODE, int TR, int NV>
@@ -238,7 +251,7 @@ FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const Recipe<float, TR>& 
                                float pivot, LaneState& st) {
   vfloat x[NV];
   for (int k = 0; k < NV; ++k) x[k] = vec_value<TR>(rc.tr, load16(z + j + k * kLanes));
-  absorb<NV>(st.m, st.s, x);
+  const vfloat cm = absorb<NV>(st.m, st.s, x);
   if constexpr (MODE != kPlain) {
     for (int k = 0; k < NV; ++k) {
       const vfloat a = coef_vec<T, MODE>(t, rc.w, j + k * kLanes, kLanes, rc.eps, rc.inv_c);
@@ -246,10 +259,12 @@ FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const Recipe<float, TR>& 
       st.saz += a * (x[k] - pivot);
     }
   }
-  if (rc.stats) {  // one predictable branch per chunk
-    for (int k = 0; k < NV; ++k) {
-      st.pred.update(x[k], j + k * kLanes);
-      if constexpr (MODE == kProb) st.target_pred.update(t.vec(j + k * kLanes, kLanes), j + k * kLanes);
+  if (rc.stats) {
+    st.pred.update(cm, j);
+    if constexpr (MODE == kProb) {
+      vfloat ct = t.vec(j, kLanes);
+      for (int k = 1; k < NV; ++k) ct = vmax(ct, t.vec(j + k * kLanes, kLanes));
+      st.target_pred.update(ct, j);
     }
   }
 }
@@ -283,8 +298,20 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, 
   float S = 0.f;
   for (int l = 0; l < kLanes; ++l)
     if (st.m[l] != -kInf) S += st.s[l] * std::exp(st.m[l] - M);
-  const int64_t pred = rc.stats ? st.pred.first() : -1;
-  const int64_t target_pred = rc.stats && MODE == kProb ? st.target_pred.first() : -1;
+  const auto v_at = [&](int64_t i) { return vec_value<TR>(rc.tr, splat(static_cast<float>(z[i])))[0]; };
+  int64_t pred = rc.stats ? st.pred.first(C, v_at) : -1;
+  if (rc.stats && !(S == S)) {
+    // A nan logit skipped the chunk test above: torch.argmax's is the first nan.
+    for (int64_t i = 0; i < C; ++i) {
+      const float v = v_at(i);
+      if (v != v) {
+        pred = i;
+        break;
+      }
+    }
+  }
+  const int64_t target_pred =
+      rc.stats && MODE == kProb ? st.target_pred.first(C, [&](int64_t i) { return static_cast<float>(t.at(i)); }) : -1;
   return {M, std::log(S), hsum(st.sa), hsum(st.saz), pred < 0 && C > 0 ? 0 : pred, target_pred};
 }
 
