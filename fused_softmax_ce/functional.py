@@ -150,13 +150,19 @@ def cross_entropy(
         else:
             z_loss = torch.zeros_like(loss)
 
+    return finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats,
+                  (pred == (target_pred if prob else t)) if return_stats else None, valid, count)
+
+
+def finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, hits, valid, count):
+    """The loss in its output dtype and shape, or the CrossEntropyStats with
+    accuracy = hits over the rows not ignored (`count` of them)."""
     if reduction == "none":
         loss, z_loss = loss.reshape(loss_shape), z_loss.reshape(loss_shape)
     loss = loss.to(out_dtype)
     if not return_stats:
         return loss
     with torch.no_grad():
-        hits = pred == (target_pred if prob else t)
         if valid is not None:
             hits = hits & valid
         accuracy = (hits.sum().to(torch.float32) / count).to(torch.float32)

@@ -261,7 +261,7 @@ def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
     """`cross_entropy(..., process_group=group)`: input holds this rank's
     contiguous slice of the classes, weight (if any) the same slice, a
     probability target the same slice; an index target holds global classes."""
-    from .functional import CrossEntropyStats, _is_rows_view, _layout  # functional imports this module
+    from .functional import _is_rows_view, _layout, finish  # functional imports this module
 
     check_common(input, weight, label_smoothing)
     check_llm_options(logit_scale, softcap, z_loss_scale)
@@ -325,14 +325,5 @@ def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
         loss_rows, lse, pred, target_pred, w_y_sum = VocabParallelFn.apply(
             x3, t, weight, options, return_stats, group, offset, total)
         loss, z_loss = reduce(loss_rows, lse, w_y_sum)[:2]
-    if reduction == "none":
-        loss, z_loss = loss.reshape(loss_shape), z_loss.reshape(loss_shape)
-    loss = loss.to(out_dtype)
-    if not return_stats:
-        return loss
-    with torch.no_grad():
-        hits = pred == (target_pred if prob else t)
-        if valid is not None:
-            hits = hits & valid
-        accuracy = (hits.sum().to(torch.float32) / count).to(torch.float32)
-    return CrossEntropyStats(loss, z_loss.to(out_dtype), lse.to(torch.float32).reshape(loss_shape), accuracy)
+    return finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats,
+                  (pred == (target_pred if prob else t)) if return_stats else None, valid, count)
