@@ -2,6 +2,7 @@
 backward only rescales it, so no N x C gradient buffer is ever allocated."""
 import torch
 
+from ._derivatives import acc_dtype
 from ._ops import ops
 from ._reduction import reduce_rows, z_loss_rows
 
@@ -51,17 +52,24 @@ class InplaceFn(torch.autograd.Function):
                 "(create_graph=True): its gradient is computed in the forward and is not itself "
                 "differentiable; use inplace_backward=False"
             )
-        if ctx.backward_done:
-            # The gradient was scaled in place by the first backward.
-            raise RuntimeError(
-                "Trying to backward through the graph a second time: cross_entropy with "
-                "inplace_backward=True keeps one gradient buffer (the logits' storage) and "
-                "scales it in place, so it can be used by one backward only"
-            )
-        ctx.backward_done = True
-        (grad,) = ctx.saved_tensors
-        ops.scale_grad_(grad, grad_output)
-        return (grad,) + (None,) * 11
+        return (scale_saved_grad_once(ctx, grad_output),) + (None,) * 11
+
+
+def scale_saved_grad_once(ctx, grad_output):
+    """The gradient the forward wrote into the logits' storage (saved on ctx),
+    scaled there by grad_output; a second backward would scale it again, so it
+    raises instead (ctx.backward_done starts False in the forward)."""
+    if ctx.backward_done:
+        raise RuntimeError(
+            "Trying to backward through the graph a second time: cross_entropy with "
+            "inplace_backward=True keeps one gradient buffer (the logits' storage) and "
+            "scales it in place, so it can be used by one backward only"
+        )
+    ctx.backward_done = True
+    (grad,) = ctx.saved_tensors
+    if grad_output is not None:
+        ops.scale_grad_(grad, grad_output.to(acc_dtype(grad.dtype)))
+    return grad
 
 
 def inplace_cross_entropy(*args):

@@ -87,37 +87,15 @@ def cross_entropy(
     x3 = _layout(x, rows_view)
 
     prob = target.shape == input.shape
+    t, out_dtype, loss_shape, valid = resolve_target(input, target, weight, ignore_index, autocast, rows_view)
     if prob:
-        if not target.is_floating_point():
-            raise RuntimeError(
-                f"Expected floating point type for target with class probabilities, got "
-                f"{dtype_name(target.dtype)}"
-            )
-        if ignore_index >= 0:
-            raise RuntimeError("ignore_index is not supported for floating point target")
-        out_dtype = torch.promote_types(input.dtype, target.dtype)
-        if weight is not None:
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)
-        t = target if batched else target.unsqueeze(0)
-        t = _layout(t, rows_view)
-        loss_shape = (n,) + spatial if batched else ()
         denominator = n * math.prod(spatial)  # the mean of probability targets is over rows
-        valid = None
         count = denominator
     else:
-        check_index_target(input, target)
-        if weight is not None:
-            check_index_weight_dtype(input, weight, autocast)
-        out_dtype = input.dtype
-        loss_shape = tuple(target.shape)
-        t = target.reshape(-1).long()
-        valid = t != ignore_index
         denominator = None
         if reduction == "mean":  # only the mean needs sum(w_y) over rows not ignored
             denominator = mean_denominator(t, weight, ignore_index, n_classes, acc)
         count = valid.sum().to(acc) if (z_loss_scale or return_stats) else None
-    if autocast and out_dtype != torch.float64:
-        out_dtype = torch.float32
     options = (ignore_index, label_smoothing, float(logit_scale), float(softcap or 0.0))
     z_denominator = count if reduction == "mean" else None
 
@@ -152,6 +130,37 @@ def cross_entropy(
 
     return finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats,
                   (pred == (target_pred if prob else t)) if return_stats else None, valid, count)
+
+
+def resolve_target(input, target, weight, ignore_index, autocast, rows_view):
+    """PyTorch's target checks, then (target in the ops' layout, output dtype,
+    the reduction="none" shape, rows not ignored or None for probabilities)."""
+    batched = input.dim() > 1
+    if target.shape == input.shape:
+        if not target.is_floating_point():
+            raise RuntimeError(
+                f"Expected floating point type for target with class probabilities, got "
+                f"{dtype_name(target.dtype)}"
+            )
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+        out_dtype = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+        t = _layout(target if batched else target.unsqueeze(0), rows_view)
+        loss_shape = (input.shape[0],) + tuple(input.shape[2:]) if batched else ()
+        valid = None
+    else:
+        check_index_target(input, target)
+        if weight is not None:
+            check_index_weight_dtype(input, weight, autocast)
+        out_dtype = input.dtype
+        loss_shape = tuple(target.shape)
+        t = target.reshape(-1).long()
+        valid = t != ignore_index
+    if autocast and out_dtype != torch.float64:
+        out_dtype = torch.float32  # PyTorch runs cross_entropy in float32 under autocast
+    return t, out_dtype, loss_shape, valid
 
 
 def finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, hits, valid, count):

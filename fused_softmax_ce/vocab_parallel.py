@@ -32,8 +32,9 @@ import torch
 import torch.distributed as dist
 
 from . import _derivatives as D
-from ._checks import check_common, check_index_target, check_index_weight_dtype, check_inplace, check_llm_options, dtype_name
+from ._checks import check_common, check_inplace, check_llm_options
 from ._derivatives import acc_dtype
+from ._inplace import scale_saved_grad_once
 from ._ops import ops
 from ._reduction import reduce_rows, z_loss_rows
 
@@ -242,17 +243,7 @@ class InplaceVocabParallelFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         _refuse_create_graph()
-        if ctx.backward_done:
-            raise RuntimeError(
-                "Trying to backward through the graph a second time: cross_entropy with "
-                "inplace_backward=True keeps one gradient buffer (the logits' storage) and "
-                "scales it in place, so it can be used by one backward only"
-            )
-        ctx.backward_done = True
-        (grad,) = ctx.saved_tensors
-        if grad_loss is not None:
-            ops.scale_grad_(grad, grad_loss.to(acc_dtype(grad.dtype)))
-        return (grad,) + (None,) * 8
+        return (scale_saved_grad_once(ctx, grad_loss),) + (None,) * 8
 
 
 def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
@@ -261,7 +252,7 @@ def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
     """`cross_entropy(..., process_group=group)`: input holds this rank's
     contiguous slice of the classes, weight (if any) the same slice, a
     probability target the same slice; an index target holds global classes."""
-    from .functional import _is_rows_view, _layout, finish  # functional imports this module
+    from .functional import _is_rows_view, _layout, finish, resolve_target  # functional imports this module
 
     check_common(input, weight, label_smoothing)
     check_llm_options(logit_scale, softcap, z_loss_scale)
@@ -275,28 +266,7 @@ def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
     rows_view = _is_rows_view(input)
     x3 = _layout(input, rows_view)
     prob = target.shape == input.shape
-    if prob:
-        if not target.is_floating_point():
-            raise RuntimeError(
-                f"Expected floating point type for target with class probabilities, got {dtype_name(target.dtype)}")
-        if ignore_index >= 0:
-            raise RuntimeError("ignore_index is not supported for floating point target")
-        out_dtype = torch.promote_types(input.dtype, target.dtype)
-        if weight is not None:
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)
-        t = _layout(target, rows_view)
-        loss_shape = (n,) + spatial
-        valid = None
-    else:
-        check_index_target(input, target)
-        if weight is not None:
-            check_index_weight_dtype(input, weight, autocast)
-        out_dtype = input.dtype
-        loss_shape = tuple(target.shape)
-        t = target.reshape(-1).long()
-        valid = t != ignore_index
-    if autocast and out_dtype != torch.float64:
-        out_dtype = torch.float32
+    t, out_dtype, loss_shape, valid = resolve_target(input, target, weight, ignore_index, autocast, rows_view)
     inplace = inplace_backward and torch.is_grad_enabled() and input.requires_grad
     if inplace:
         check_inplace(input)  # before any collective: every rank fails alike
