@@ -36,20 +36,27 @@ def check_common(input, weight, label_smoothing):
             f"cross_entropy: input dtype {input.dtype} is not supported; expected one of "
             "float32, float64, float16, bfloat16"
         )
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    check_label_smoothing(label_smoothing)
     if weight is not None:
-        n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-        if weight.dim() != 1 or weight.numel() != n_classes:
-            raise RuntimeError(
-                f"weight tensor should be defined either for all {n_classes} classes or no "
-                f"classes but got weight tensor of shape: {list(weight.shape)}"
-            )
+        check_class_weight_shape(weight, input.shape[1] if input.dim() > 1 else input.shape[0])
         if weight.device != input.device:
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but weight is on "
                 f"{weight.device} and input is on {input.device}"
             )
+
+
+def check_label_smoothing(label_smoothing):
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+
+
+def check_class_weight_shape(weight, n_classes):
+    if weight.dim() != 1 or weight.numel() != n_classes:
+        raise RuntimeError(
+            f"weight tensor should be defined either for all {n_classes} classes or no "
+            f"classes but got weight tensor of shape: {list(weight.shape)}"
+        )
 
 
 def check_index_weight_dtype(input, weight, autocast):

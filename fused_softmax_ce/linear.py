@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn import _reduction as _Reduction
 
-from ._checks import check_llm_options, dtype_name
+from ._checks import (check_class_weight_shape, check_index_weight_dtype, check_label_smoothing,
+                      check_llm_options, dtype_name)
 from ._ops import acc_dtype, ops
 from ._reduction import mean_denominator
 from .functional import CrossEntropyStats
@@ -300,19 +301,10 @@ def _check(input, linear_weight, target, linear_bias, weight, label_smoothing):
         raise RuntimeError(
             f"expected target dtype to be Long or Byte, but got {dtype_name(target.dtype)}"
         )
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    check_label_smoothing(label_smoothing)
     if weight is not None:
-        if weight.dim() != 1 or weight.numel() != n_classes:
-            raise RuntimeError(
-                f"weight tensor should be defined either for all {n_classes} classes or no "
-                f"classes but got weight tensor of shape: {list(weight.shape)}"
-            )
-        if weight.dtype != input.dtype:
-            raise RuntimeError(
-                f"expected scalar type {dtype_name(input.dtype)} but found "
-                f"{dtype_name(weight.dtype)} (weight)"
-            )
+        check_class_weight_shape(weight, n_classes)
+        check_index_weight_dtype(input, weight, autocast=False)  # checked before autocast's casts
 
 
 def linear_cross_entropy(
