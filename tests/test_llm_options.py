@@ -94,6 +94,34 @@ def test_options_match_reference(device, dtype, options, reduction, case, inplac
 
 
 @device_param()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [30.0, 43.0, 60.0])  # the CPU's fixed shift holds up to 43
+@pytest.mark.parametrize("inplace", [False, True])
+def test_softcap_saturated_rows(device, dtype, softcap, inplace):
+    # Long rows (4-vector chunks, single vectors and a tail), most values
+    # saturated: a row far below -cap everywhere, one with infinities, one
+    # with a single class near +cap.
+    logits = random_logits((5, 301), dtype, device, scale=4 * softcap)
+    logits[1] = -1000.0
+    logits[2, ::7] = float("inf")
+    logits[2, 3::7] = -float("inf")
+    logits[3] = random_logits((301,), dtype, device, scale=1.0) - 3 * softcap
+    logits[3, 150] = 3 * softcap
+    target = torch.tensor([0, 17, 3, 150, 300], device=device)
+    x_ref = logits.detach().double().requires_grad_()
+    loss_ref, _, lse_ref, _ = reference(x_ref, target, reduction="none", softcap=softcap)
+    leaf = logits.detach().clone().requires_grad_()
+    out = fce.cross_entropy(leaf * 1 if inplace else leaf, target, reduction="none", softcap=softcap,
+                            inplace_backward=inplace, return_stats=True)
+    assert_close(out.loss, loss_ref, dtype)
+    assert_close(out.lse, lse_ref, dtype)
+    grad = torch.rand_like(loss_ref) + 0.5
+    loss_ref.backward(grad)
+    out.loss.backward(grad.to(out.loss.dtype))
+    assert_close(leaf.grad, x_ref.grad, dtype)
+
+
+@device_param()
 @pytest.mark.parametrize("options", LLM, ids=ids)
 @pytest.mark.parametrize("prob", [False, True])
 def test_plain_loss_without_stats_matches_reference(device, options, prob):

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 
 #include "../row_math.h"
@@ -74,20 +75,25 @@ FSCE_VINLINE Row<T> row_at(const CEParams& p, int64_t r) {
 }
 
 // What every row of a launch shares: the class weights, eps, 1/C, the
-// transform, and whether the argmax statistics are wanted.
+// transform, whether the argmax statistics are wanted, and whether the
+// values are bounded (see absorb_bounded).
 template <typename acc_t, int TR>
 struct Recipe {
   const acc_t* w;
   acc_t eps, inv_c;
   LogitTransform<TR, acc_t> tr;
-  bool stats;
+  bool stats, bounded;
 };
+
+// Softcapped values lie in [-cap, cap]; for cap <= 43, exp(v - cap) >=
+// exp(-2 cap) is still a normal float.
+constexpr double kMaxBoundedCap = 43.0;
 
 template <typename acc_t, int TR>
 FSCE_VINLINE Recipe<acc_t, TR> recipe_of(const CEParams& p) {
   return {static_cast<const acc_t*>(p.weight), static_cast<acc_t>(p.label_smoothing),
           acc_t(1) / static_cast<acc_t>(p.total_classes), logit_transform<TR, acc_t>(p),
-          p.pred != nullptr};
+          p.pred != nullptr, TR == kSoftcap && p.softcap <= kMaxBoundedCap};
 }
 
 // ---------------------------------------------------------------- scalar path
@@ -153,8 +159,7 @@ FSCE_VINLINE void grad_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, in
 
 FSCE_VINLINE vint lane_ids() { return vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
 
-// The logit transform on 16 lanes; tanh from exp2v, whose argument must be
-// <= 0: tanh|u| = (1 - e) / (1 + e) with e = 2^(-2|u| log2 e).
+// The logit transform on 16 lanes.
 template <int TR>
 FSCE_VINLINE vfloat vec_value_slope(const LogitTransform<TR, float>& tr, vfloat z, vfloat* slope) {
   if constexpr (TR == kIdentity) {
@@ -163,14 +168,17 @@ FSCE_VINLINE vfloat vec_value_slope(const LogitTransform<TR, float>& tr, vfloat 
     if (slope) *slope = splat(tr.scale);
     return z * tr.scale;
   } else {
-    const vfloat u = z * (tr.scale * tr.inv_cap);
-    const vfloat au = u < 0.f ? -u : u;
-    const vfloat e = exp2v(au * (-2.f * kLog2e));
-    const vfloat ta = (1.f - e) / (1.f + e);
-    const vfloat t = u < 0.f ? -ta : ta;
+    const vfloat t = tanhv(z * (tr.scale * tr.inv_cap));
     if (slope) *slope = tr.scale * (1.f - t * t);
     return tr.cap * t;
   }
+}
+
+// The softcap's slope from a value v = cap * tanh(u) that the row's first
+// pass kept: scale * (1 - (v / cap)^2).
+FSCE_VINLINE vfloat vec_slope_of(const LogitTransform<kSoftcap, float>& tr, vfloat v) {
+  const vfloat t = v * tr.inv_cap;
+  return tr.scale * (1.f - t * t);
 }
 
 template <int TR>
@@ -187,12 +195,18 @@ FSCE_VINLINE vfloat coef_vec(Probs<T> t, const float* w, int64_t j, int count, f
   return full ? a : (lane_ids() < count ? a : vfloat{});
 }
 
+template <int NV>
+FSCE_VINLINE vfloat chunk_max(const vfloat (&x)[NV]) {
+  vfloat cm = x[0];
+  for (int k = 1; k < NV; ++k) cm = vmax(cm, x[k]);
+  return cm;
+}
+
 // Folds NV vectors into the per-lane running max and rescaled sum: one
 // rescale per NV vectors, one exp2 per element. Returns the chunk's max.
 template <int NV>
 FSCE_VINLINE vfloat absorb(vfloat& m, vfloat& s, const vfloat (&x)[NV]) {
-  vfloat cm = x[0];
-  for (int k = 1; k < NV; ++k) cm = vmax(cm, x[k]);
+  const vfloat cm = chunk_max(x);
   const vfloat nm = vmax(m, cm);
   // A lane that has seen only -inf keeps shift 0, so that exp2 sees -inf, not nan.
   const vfloat shift = nm == -std::numeric_limits<float>::infinity() ? vfloat{} : nm;
@@ -203,6 +217,16 @@ FSCE_VINLINE vfloat absorb(vfloat& m, vfloat& s, const vfloat (&x)[NV]) {
   return cm;
 }
 
+// The same for values bounded by `shift` (a softcapped row's cap): no
+// running max and no rescale; lanes at or past `count` add nothing.
+template <int NV>
+FSCE_VINLINE vfloat absorb_bounded(vfloat& s, vfloat shift, const vfloat (&x)[NV], int count = kLanes) {
+  vfloat acc = exp2v((x[0] - shift) * kLog2e);
+  for (int k = 1; k < NV; ++k) acc += exp2v((x[k] - shift) * kLog2e);
+  s += count == kLanes ? acc : (lane_ids() < count ? acc : vfloat{});
+  return chunk_max(x);
+}
+
 // Per-lane first argmax at chunk granularity, for the statistics: a lane
 // remembers the first chunk (of up to 4 vectors) whose maximum beat its own;
 // first() then finds the element inside that chunk. A compare and two blends
@@ -211,9 +235,9 @@ struct ChunkArgmax {
   vfloat m = splat(-std::numeric_limits<float>::infinity());
   vint base = vint{} - 1;
 
-  FSCE_VINLINE void update(vfloat chunk_max, int64_t j) {
-    const vint gt = chunk_max > m;
-    m = gt ? chunk_max : m;
+  FSCE_VINLINE void update(vfloat cm, int64_t j) {
+    const vint gt = cm > m;
+    m = gt ? cm : m;
     base = gt ? vint{} + static_cast<int>(j) : base;
   }
 
@@ -246,12 +270,15 @@ struct LaneState {
   ChunkArgmax pred, target_pred;
 };
 
+// keep: where to store the values for the row's second pass, or nullptr.
 template <typename T, int MODE, int TR, int NV>
 FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const Recipe<float, TR>& rc, int64_t j,
-                               float pivot, LaneState& st) {
+                               float pivot, LaneState& st, float* keep) {
   vfloat x[NV];
   for (int k = 0; k < NV; ++k) x[k] = vec_value<TR>(rc.tr, load16(z + j + k * kLanes));
-  const vfloat cm = absorb<NV>(st.m, st.s, x);
+  if (keep)
+    for (int k = 0; k < NV; ++k) store16(keep + j + k * kLanes, x[k]);
+  const vfloat cm = TR == kSoftcap && rc.bounded ? absorb_bounded<NV>(st.s, st.m, x) : absorb<NV>(st.m, st.s, x);
   if constexpr (MODE != kPlain) {
     for (int k = 0; k < NV; ++k) {
       const vfloat a = coef_vec<T, MODE>(t, rc.w, j + k * kLanes, kLanes, rc.eps, rc.inv_c);
@@ -271,18 +298,24 @@ FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const Recipe<float, TR>& 
 
 template <typename T, int MODE, int TR>
 FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, TR>& rc, int64_t C,
-                                    float pivot) {
+                                    float pivot, float* keep) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   LaneState st;
+  // A bounded row's shift is its cap, for good.
+  if (TR == kSoftcap && rc.bounded) st.m = splat(rc.tr.cap);
   int64_t j = 0;
-  for (; j + 4 * kLanes <= C; j += 4 * kLanes) absorb_chunk<T, MODE, TR, 4>(z, t, rc, j, pivot, st);
-  for (; j + kLanes <= C; j += kLanes) absorb_chunk<T, MODE, TR, 1>(z, t, rc, j, pivot, st);
+  for (; j + 4 * kLanes <= C; j += 4 * kLanes) absorb_chunk<T, MODE, TR, 4>(z, t, rc, j, pivot, st, keep);
+  for (; j + kLanes <= C; j += kLanes) absorb_chunk<T, MODE, TR, 1>(z, t, rc, j, pivot, st, keep);
   if (j < C) {
     const int count = static_cast<int>(C - j);
     const vint in_row = lane_ids() < count;
     // Padding lanes become -inf after the transform (softcap maps -inf to -cap).
     const vfloat x[1] = {in_row ? vec_value<TR>(rc.tr, load_partial(z + j, count, 0.f)) : splat(-kInf)};
-    absorb<1>(st.m, st.s, x);
+    if (keep) store_partial(keep + j, x[0], count);
+    if (TR == kSoftcap && rc.bounded)
+      absorb_bounded<1>(st.s, st.m, x, count);
+    else
+      absorb<1>(st.m, st.s, x);
     if constexpr (MODE != kPlain) {
       const vfloat a = coef_vec<T, MODE>(t, rc.w, j, count, rc.eps, rc.inv_c);
       const vfloat xa = in_row ? x[0] : splat(pivot);
@@ -324,14 +357,22 @@ FSCE_VINLINE float sum_coef_vec(Probs<T> t, const Recipe<float, TR>& rc, int64_t
   return hsum(sa);
 }
 
+// kept: the row's values from its first pass (see absorb_chunk), or nullptr.
 template <typename T, int MODE, int TR>
 FSCE_VINLINE void grad_vec(const T* z, Probs<T> t, T* out, const Recipe<float, TR>& rc, int64_t C,
-                           float lse_hi, float lse_lo, GradCoefs<float> c, int64_t y) {
+                           float lse_hi, float lse_lo, GradCoefs<float> c, int64_t y, const float* kept) {
   for (int64_t j = 0; j < C; j += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, C - j));
     const bool full = count == kLanes;
-    vfloat slope;
-    const vfloat v = vec_value_slope<TR>(rc.tr, full ? load16(z + j) : load_partial(z + j, count, 0.f), &slope);
+    vfloat slope, v;
+    if constexpr (TR == kSoftcap) {
+      if (kept) {
+        v = full ? load16(kept + j) : load_partial(kept + j, count, 0.f);
+        slope = vec_slope_of(rc.tr, v);
+      }
+    }
+    if (TR != kSoftcap || !kept)
+      v = vec_value_slope<TR>(rc.tr, full ? load16(z + j) : load_partial(z + j, count, 0.f), &slope);
     vfloat d = c.gA * exp2v(((v - lse_hi) - lse_lo) * kLog2e);
     if constexpr (MODE != kPlain) d -= c.gk * coef_vec<T, MODE>(t, rc.w, j, count, rc.eps, rc.inv_c);
     // The target's -coef_y is folded in fp32, before rounding to the output type.
@@ -347,14 +388,16 @@ FSCE_VINLINE void grad_vec(const T* z, Probs<T> t, T* out, const Recipe<float, T
 
 // ------------------------------------------------------------ row dispatch
 
+// keep / kept: a row of C floats that carries the values from row_stats to
+// row_grad (contiguous float rows only), or nullptr.
 template <typename T, typename acc_t, int TR>
 FSCE_VINLINE Stats<acc_t> row_stats(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C, int mode,
-                                    acc_t pivot) {
+                                    acc_t pivot, float* keep) {
   if constexpr (!std::is_same_v<T, double>) {
     if (row.step == 1) {
-      if (mode == kPlain) return stats_vec<T, kPlain, TR>(row.z, row.t, rc, C, pivot);
-      if (mode == kSmooth) return stats_vec<T, kSmooth, TR>(row.z, row.t, rc, C, pivot);
-      return stats_vec<T, kProb, TR>(row.z, row.t, rc, C, pivot);
+      if (mode == kPlain) return stats_vec<T, kPlain, TR>(row.z, row.t, rc, C, pivot, keep);
+      if (mode == kSmooth) return stats_vec<T, kSmooth, TR>(row.z, row.t, rc, C, pivot, keep);
+      return stats_vec<T, kProb, TR>(row.z, row.t, rc, C, pivot, keep);
     }
   }
   return stats_scalar<T, acc_t, TR>(row, rc, C, mode, pivot);
@@ -370,12 +413,12 @@ FSCE_VINLINE acc_t row_sum_coef(const Row<T>& row, const Recipe<acc_t, TR>& rc, 
 
 template <typename T, typename acc_t, int TR>
 FSCE_VINLINE void row_grad(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C, int mode,
-                           acc_t lse_hi, acc_t lse_lo, GradCoefs<acc_t> c, int64_t y) {
+                           acc_t lse_hi, acc_t lse_lo, GradCoefs<acc_t> c, int64_t y, const float* kept) {
   if constexpr (!std::is_same_v<T, double>) {
     if (row.step == 1) {
-      if (mode == kPlain) return grad_vec<T, kPlain, TR>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y);
-      if (mode == kSmooth) return grad_vec<T, kSmooth, TR>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y);
-      return grad_vec<T, kProb, TR>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y);
+      if (mode == kPlain) return grad_vec<T, kPlain, TR>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y, kept);
+      if (mode == kSmooth) return grad_vec<T, kSmooth, TR>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y, kept);
+      return grad_vec<T, kProb, TR>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y, kept);
     }
   }
   grad_scalar<T, acc_t, TR>(row, rc, C, mode, lse_hi, lse_lo, c, y);
@@ -400,6 +443,10 @@ FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bo
   const acc_t lse_scale = write_grad && p.lse_grad_scale ? *static_cast<const acc_t*>(p.lse_grad_scale) : acc_t(0);
   auto* loss = static_cast<acc_t*>(p.loss);
   auto* lse_out = static_cast<double*>(p.lse);
+  // The in-place forward's second pass reads the softcapped values from here
+  // rather than computing the tanh again: C floats, reused row after row.
+  std::unique_ptr<float[]> kept;
+  if (TR == kSoftcap && write_grad && p.inner == 1 && !std::is_same_v<T, double>) kept.reset(new float[C]);
   for (int64_t r = begin; r < end; ++r) {
     const Row<T> row = row_at<T>(p, r);
     const RowTarget<acc_t> tgt = row_target<acc_t>(p, r);
@@ -415,7 +462,7 @@ FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bo
     }
     const int mode = row_mode(static_cast<bool>(row.t), tgt);
     const acc_t pivot = C > 0 ? finite_or_zero(rc.tr.value(static_cast<acc_t>(row.z[0]))) : acc_t(0);
-    const Stats<acc_t> st = row_stats<T, acc_t, TR>(row, rc, C, mode, pivot);
+    const Stats<acc_t> st = row_stats<T, acc_t, TR>(row, rc, C, mode, pivot, kept.get());
     const acc_t sum_a = row_sum_a<acc_t>(p, mode, st.sum_a);
     const acc_t v_y = tgt.y >= 0 ? rc.tr.value(static_cast<acc_t>(row.z[tgt.y * row.step])) : acc_t(0);
     loss[r] = row_loss(tgt, st.m, st.log_s, v_y, pivot, sum_a, st.sum_az);
@@ -425,7 +472,7 @@ FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bo
     if (p.target_pred) p.target_pred[r] = st.target_pred < 0 ? -1 : st.target_pred + p.class_offset;
     if (write_grad) {
       const GradCoefs<acc_t> c = grad_coefs(tgt, sum_a, scale, lse_scale * static_cast<acc_t>(lse));
-      row_grad<T, acc_t, TR>(row, rc, C, mode, st.m, st.log_s, c, tgt.y);
+      row_grad<T, acc_t, TR>(row, rc, C, mode, st.m, st.log_s, c, tgt.y, kept.get());
     }
   }
 }
@@ -451,7 +498,7 @@ FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end) {
                                           grad_lse ? grad_lse[r] : acc_t(0));
     acc_t lse_hi, lse_lo;
     split_lse(lse[r], lse_hi, lse_lo);
-    row_grad<T, acc_t, TR>(row, rc, C, mode, lse_hi, lse_lo, c, tgt.y);
+    row_grad<T, acc_t, TR>(row, rc, C, mode, lse_hi, lse_lo, c, tgt.y, nullptr);
   }
 }
 
