@@ -35,6 +35,21 @@ CASES = [
 ]
 
 
+# linear_cross_entropy's keyword arguments per case, and flags: "bias",
+# "weight" (class weights), "ignore" (ignored rows), "batch" (a (B, T, H) input).
+LINEAR_CASES = [
+    dict(reduction="mean"),
+    dict(reduction="sum", label_smoothing=0.2, bias=True, chunk_size=4),
+    dict(reduction="none", ignore=True, weight=True, label_smoothing=0.1, bias=True, chunk_size=2),
+    dict(reduction="mean", ignore=True, weight=True, label_smoothing=0.3, chunk_size=1),
+    dict(reduction="mean", ignore=True, z_loss_scale=0.01, softcap=4.0, logit_scale=0.7, return_stats=True,
+         bias=True, chunk_size=3),
+    dict(reduction="none", batch=True, weight=True, z_loss_scale=0.02, return_stats=True),
+    dict(reduction="sum", ignore=True, weight=True, return_stats=True, chunk_size=5),
+]
+LINEAR_FLAGS = ("bias", "weight", "ignore", "batch")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,6 +129,86 @@ def check_case(kind, kw, dtype, sizes, rank, group, seed):
         close(t.grad, t_full.grad[:, lo:hi], "grad of the target's slice")
 
 
+def check_linear_case(kw, dtype, sizes, rank, group, seed):
+    """linear_cross_entropy on this rank's rows of the weight against the
+    single process on the full weight in float64; the input's gradient
+    summed over the ranks against the full one."""
+    import torch.distributed as dist
+
+    import fused_softmax_ce
+
+    total = sum(sizes)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    torch.manual_seed(seed)
+    rows, hidden = ((2, 4) if kw.get("batch") else (7,)), 5
+    x = random_logits(rows + (hidden,), dtype, "cpu", scale=1.0)
+    w = random_logits((total, hidden), dtype, "cpu", scale=1.0)
+    b = random_logits((total,), dtype, "cpu", scale=0.5) if kw.get("bias") else None
+    y = random_targets(total, rows, "cpu", ignore_index=-100 if kw.get("ignore") else None, ignore_every=3)
+    cw = torch.rand(total, dtype=torch.float64).add(0.5).to(dtype) if kw.get("weight") else None
+    upstream = torch.rand(rows if kw["reduction"] == "none" else (), dtype=torch.float64) + 0.5
+    options = {k: v for k, v in kw.items() if k not in LINEAR_FLAGS}
+
+    def run(x, w, b, cw, **extra):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+        out = fused_softmax_ce.linear_cross_entropy(leaves[0], leaves[1], y, linear_bias=leaves[2] if b is not None
+                                                    else None, weight=cw, **options, **extra)
+        loss = out.loss if kw.get("return_stats") else out
+        return out, torch.autograd.grad((loss * upstream.to(loss.dtype)).sum(), leaves)
+
+    def f64(t):
+        return None if t is None else t.double()
+
+    ref, ref_grads = run(f64(x), f64(w), f64(b), f64(cw))
+    out, grads = run(x, w[lo:hi], None if b is None else b[lo:hi], None if cw is None else cw[lo:hi],
+                     process_group=group)
+    atol, rtol = TOLERANCES[dtype]
+
+    def close(actual, expected, what):
+        torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
+                                   msg=lambda m: f"linear {kw} {dtype} {sizes} rank {rank}: {what}: {m}")
+
+    fields = ("loss", "z_loss", "lse", "accuracy") if kw.get("return_stats") else ()
+    for field in fields:
+        close(getattr(out, field), getattr(ref, field), field)
+    loss = out.loss if fields else out
+    close(loss, ref.loss if fields else ref, "loss")
+    assert loss.dtype == dtype and loss.shape == (ref.loss if fields else ref).shape
+    # The input's gradient is this rank's term: the ranks' terms add up to it.
+    grad_input = grads[0].clone()
+    dist.all_reduce(grad_input, group=group)
+    close(grad_input, ref_grads[0], "grad of the input, summed over the ranks")
+    close(grads[1], ref_grads[1][lo:hi], "grad of the weight's rows")
+    if b is not None:
+        close(grads[2], ref_grads[2][lo:hi], "grad of the bias's slice")
+    assert [g.dtype for g in grads] == [dtype] * len(grads)
+
+
+def check_linear_errors(sizes, rank, group):
+    import fused_softmax_ce
+
+    total = sum(sizes)
+    x = random_logits((4, 3), torch.float64, "cpu").requires_grad_()
+    w = random_logits((sizes[rank], 3), torch.float64, "cpu").requires_grad_()
+    y = torch.randint(0, total, (4,))
+    with pytest.raises(IndexError, match="out of bounds"):
+        fused_softmax_ce.linear_cross_entropy(x, w, torch.full((4,), total), process_group=group)
+    with pytest.raises(RuntimeError, match="weight"):  # the full-width class weight, not this rank's slice
+        fused_softmax_ce.linear_cross_entropy(x, w, y, weight=torch.ones(total, dtype=torch.float64),
+                                              process_group=group)
+    loss = fused_softmax_ce.linear_cross_entropy(x, w, y, process_group=group)
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    stats = fused_softmax_ce.linear_cross_entropy(x, w, y, z_loss_scale=0.1, return_stats=True,
+                                                  process_group=group)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        (stats.loss + stats.lse.sum()).backward()
+    rows = 5 if rank == 0 else 4  # rank 0 holds one row more than the others
+    with pytest.raises((ValueError, RuntimeError), match="disagree on the number of rows"):
+        fused_softmax_ce.linear_cross_entropy(x.new_ones(rows, 3), w, torch.zeros(rows, dtype=torch.long),
+                                              process_group=group)
+
+
 def check_errors(sizes, rank, group):
     import fused_softmax_ce
 
@@ -146,7 +241,10 @@ def worker(rank, sizes, port, results):
         for dtype in (torch.float64, torch.float32):
             for seed, (kind, kw) in enumerate(CASES):
                 check_case(kind, kw, dtype, sizes, rank, group, seed)
+            for seed, kw in enumerate(LINEAR_CASES):
+                check_linear_case(kw, dtype, sizes, rank, group, seed)
         check_errors(sizes, rank, group)
+        check_linear_errors(sizes, rank, group)
         results.put((rank, None))
     except BaseException:
         results.put((rank, traceback.format_exc()))
