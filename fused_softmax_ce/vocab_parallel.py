@@ -174,8 +174,8 @@ def _refuse_create_graph():
     # second-order term through it would silently be zero.
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "cross_entropy with process_group does not support higher-order gradients "
-            "(create_graph=True); its gradient is not itself differentiable"
+            "cross_entropy and linear_cross_entropy with process_group do not support higher-order "
+            "gradients (create_graph=True); their gradient is not itself differentiable"
         )
 
 

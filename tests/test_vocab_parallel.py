@@ -36,7 +36,8 @@ CASES = [
 
 
 # linear_cross_entropy's keyword arguments per case, and flags: "bias",
-# "weight" (class weights), "ignore" (ignored rows), "batch" (a (B, T, H) input).
+# "weight" (class weights), "ignore" (ignored rows), "batch" (a (B, T, H)
+# input), "frozen" (an input that does not require grad).
 LINEAR_CASES = [
     dict(reduction="mean"),
     dict(reduction="sum", label_smoothing=0.2, bias=True, chunk_size=4),
@@ -46,8 +47,9 @@ LINEAR_CASES = [
          bias=True, chunk_size=3),
     dict(reduction="none", batch=True, weight=True, z_loss_scale=0.02, return_stats=True),
     dict(reduction="sum", ignore=True, weight=True, return_stats=True, chunk_size=5),
+    dict(reduction="none", frozen=True, bias=True, softcap=2.0, chunk_size=3),
 ]
-LINEAR_FLAGS = ("bias", "weight", "ignore", "batch")
+LINEAR_FLAGS = ("bias", "weight", "ignore", "batch", "frozen")
 
 
 def free_port():
@@ -150,11 +152,15 @@ def check_linear_case(kw, dtype, sizes, rank, group, seed):
     options = {k: v for k, v in kw.items() if k not in LINEAR_FLAGS}
 
     def run(x, w, b, cw, **extra):
-        leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
-        out = fused_softmax_ce.linear_cross_entropy(leaves[0], leaves[1], y, linear_bias=leaves[2] if b is not None
-                                                    else None, weight=cw, **options, **extra)
+        """The result and the gradients {name: grad} of the leaves."""
+        leaves = {name: t.clone().requires_grad_(name != "input" or not kw.get("frozen"))
+                  for name, t in (("input", x), ("weight", w), ("bias", b)) if t is not None}
+        out = fused_softmax_ce.linear_cross_entropy(leaves["input"], leaves["weight"], y,
+                                                    linear_bias=leaves.get("bias"), weight=cw, **options, **extra)
         loss = out.loss if kw.get("return_stats") else out
-        return out, torch.autograd.grad((loss * upstream.to(loss.dtype)).sum(), leaves)
+        leaves = {name: t for name, t in leaves.items() if t.requires_grad}
+        grads = torch.autograd.grad((loss * upstream.to(loss.dtype)).sum(), list(leaves.values()))
+        return out, dict(zip(leaves, grads))
 
     def f64(t):
         return None if t is None else t.double()
@@ -174,14 +180,15 @@ def check_linear_case(kw, dtype, sizes, rank, group, seed):
     loss = out.loss if fields else out
     close(loss, ref.loss if fields else ref, "loss")
     assert loss.dtype == dtype and loss.shape == (ref.loss if fields else ref).shape
-    # The input's gradient is this rank's term: the ranks' terms add up to it.
-    grad_input = grads[0].clone()
-    dist.all_reduce(grad_input, group=group)
-    close(grad_input, ref_grads[0], "grad of the input, summed over the ranks")
-    close(grads[1], ref_grads[1][lo:hi], "grad of the weight's rows")
+    assert grads.keys() == ref_grads.keys() and all(g.dtype == dtype for g in grads.values())
+    if "input" in grads:
+        # The input's gradient is this rank's term: the ranks' terms add up to it.
+        grad_input = grads["input"].clone()
+        dist.all_reduce(grad_input, group=group)
+        close(grad_input, ref_grads["input"], "grad of the input, summed over the ranks")
+    close(grads["weight"], ref_grads["weight"][lo:hi], "grad of the weight's rows")
     if b is not None:
-        close(grads[2], ref_grads[2][lo:hi], "grad of the bias's slice")
-    assert [g.dtype for g in grads] == [dtype] * len(grads)
+        close(grads["bias"], ref_grads["bias"][lo:hi], "grad of the bias's slice")
 
 
 def check_linear_errors(sizes, rank, group):
