@@ -210,6 +210,11 @@ def check_linear_errors(sizes, rank, group):
                                                   process_group=group)
     with pytest.raises(RuntimeError, match="not differentiable"):
         (stats.loss + stats.lse.sum()).backward()
+    # Every row ignored: the mean is nan and the gradients zero, as on one process.
+    loss = fused_softmax_ce.linear_cross_entropy(x, w, torch.full((4,), -100), label_smoothing=0.1,
+                                                 z_loss_scale=0.1, process_group=group)
+    grads = torch.autograd.grad(loss, (x, w))
+    assert loss.isnan() and not any(g.any() for g in grads)
     rows = 5 if rank == 0 else 4  # rank 0 holds one row more than the others
     with pytest.raises((ValueError, RuntimeError), match="disagree on the number of rows"):
         fused_softmax_ce.linear_cross_entropy(x.new_ones(rows, 3), w, torch.zeros(rows, dtype=torch.long),
