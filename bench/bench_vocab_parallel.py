@@ -97,19 +97,19 @@ def worker(rank, world, port, args, results):
     # The two agree (a benchmark of a wrong baseline would mean nothing).
     fused, megatron = providers.values()
     torch.testing.assert_close(fused(*base), megatron(*(t.clone() for t in base)))
-    out = {}
-    for provider, fn in providers.items():
-        for mode in ("fwd", "fwd+bwd"):
-            times = []
-            for rep in range(args.reps + 1):
-                leaves = [t.clone().requires_grad_(mode != "fwd") for t in base]
-                dist.barrier(group)
-                t0 = time.perf_counter()
-                loss = fn(*leaves)
-                if mode != "fwd":
-                    loss.backward()
-                times.append((time.perf_counter() - t0) * 1e3)
-            out[(provider, mode)] = statistics.median(times[1:])  # the first is a warm-up
+    times = {(provider, mode): [] for provider in providers for mode in ("fwd", "fwd+bwd")}
+    # The providers take turns within each repetition, so that they see the
+    # same load on this shared machine; the first repetition is a warm-up.
+    for rep in range(args.reps + 1):
+        for (provider, mode), ms in times.items():
+            leaves = [t.clone().requires_grad_(mode != "fwd") for t in base]
+            dist.barrier(group)
+            t0 = time.perf_counter()
+            loss = providers[provider](*leaves)
+            if mode != "fwd":
+                loss.backward()
+            ms.append((time.perf_counter() - t0) * 1e3)
+    out = {key: statistics.median(ms[1:]) for key, ms in times.items()}
     results.put(out)
     dist.destroy_process_group()
 
