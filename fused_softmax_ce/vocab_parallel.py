@@ -25,6 +25,10 @@ one all_gather of float64 slots: per row lse_k, and (L_k, A_k) in the
 accumulation type (one slot for float32, two for float64), so 16 R bytes per
 rank (24 R for float64 logits); +16 R with stats, +16 R more with stats and
 probability targets, +8 with class weights. None in the backward.
+
+The vocab-parallel linear_cross_entropy (vocab_parallel_linear.py) runs the
+kernels on chunks of its logits and shares the rest: `combine_shards` and
+`reducer`.
 """
 import math
 

@@ -250,13 +250,15 @@ def worker(rank, sizes, port, results):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=len(sizes), timeout=datetime.timedelta(seconds=TIMEOUT_S))
         group = dist.new_group(list(range(len(sizes))), timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        uneven = len(set(sizes)) > 1  # linear_cross_entropy runs in these groups only, to save time
         for dtype in (torch.float64, torch.float32):
             for seed, (kind, kw) in enumerate(CASES):
                 check_case(kind, kw, dtype, sizes, rank, group, seed)
-            for seed, kw in enumerate(LINEAR_CASES):
+            for seed, kw in enumerate(LINEAR_CASES if uneven else []):
                 check_linear_case(kw, dtype, sizes, rank, group, seed)
         check_errors(sizes, rank, group)
-        check_linear_errors(sizes, rank, group)
+        if uneven:
+            check_linear_errors(sizes, rank, group)
         results.put((rank, None))
     except BaseException:
         results.put((rank, traceback.format_exc()))
