@@ -258,6 +258,8 @@ def worker(rank, sizes, port, results):
                 check_linear_case(kw, dtype, sizes, rank, group, seed)
         check_errors(sizes, rank, group)
         if uneven:
+            for seed, kw in enumerate(LINEAR_CASES[3:6]):  # bf16 runs its matmuls in fp32 on the CPU
+                check_linear_case(kw, torch.bfloat16, sizes, rank, group, seed)
             check_linear_errors(sizes, rank, group)
         results.put((rank, None))
     except BaseException:
