@@ -221,6 +221,24 @@ def check_linear_errors(sizes, rank, group):
                                               process_group=group)
 
 
+def check_linear_memory(sizes, rank, group):
+    """Nothing N x V_k-sized is allocated in the forward or the backward:
+    the logits live in chunks (here 4 rows)."""
+    import fused_softmax_ce
+
+    # This rank's rows of the output layer: N x V_k dwarfs the O(world x N) all_gather.
+    n, classes = 128, 200 * (rank + 1)
+    x = random_logits((n, 4), torch.float64, "cpu").requires_grad_()
+    w = random_logits((classes, 4), torch.float64, "cpu").requires_grad_()
+    y = torch.randint(0, 100 * len(sizes) * (len(sizes) + 1), (n,))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        stats = fused_softmax_ce.linear_cross_entropy(x, w, y, chunk_size=4, label_smoothing=0.1, z_loss_scale=0.01,
+                                                      return_stats=True, process_group=group)
+        stats.loss.backward()
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest < n * classes * 8 // 4, largest
+
+
 def check_errors(sizes, rank, group):
     import fused_softmax_ce
 
@@ -261,6 +279,7 @@ def worker(rank, sizes, port, results):
             for seed, kw in enumerate(LINEAR_CASES[3:6]):  # bf16 runs its matmuls in fp32 on the CPU
                 check_linear_case(kw, torch.bfloat16, sizes, rank, group, seed)
             check_linear_errors(sizes, rank, group)
+            check_linear_memory(sizes, rank, group)
         results.put((rank, None))
     except BaseException:
         results.put((rank, traceback.format_exc()))
