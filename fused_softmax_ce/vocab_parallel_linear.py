@@ -19,7 +19,8 @@ returns its own term. That is Megatron-LM's convention for the
 column-parallel output layer: the input reaches it through
 copy_to_tensor_model_parallel_region (DTensor: a Replicate input whose
 gradient comes back Partial), whose backward all-reduces the gradient.
-Without such a region, all-reduce input's gradient over the group.
+Without such a region, all-reduce input's gradient over the group. The
+gradient reaching the loss must be the same on every rank.
 
 Collectives: vocab_parallel's two per forward (a 16-byte size check and the
 16 N-byte all_gather), none in the backward; no host sync after the first
