@@ -4,8 +4,11 @@
 
 Runs on the CPU with gloo. Every rank builds the same full logits (same
 seed), keeps its own contiguous slice of the classes (uneven slices), and
-computes the loss with process_group=...; rank 0 checks the loss and every
-rank its gradient slice against the single-process result.
+computes the loss with process_group=...; every rank checks the loss and
+its gradient slice against the single-process result. Then the same from
+hidden states with the output layer's rows sharded (LinearCrossEntropyLoss),
+where the hidden states' gradient is all-reduced as a tensor-parallel model
+does.
 """
 import datetime
 
@@ -38,6 +41,27 @@ def main():
     torch.testing.assert_close(shard.grad, full.grad[:, lo:lo + sizes[rank]])
     print(f"rank {rank}/{world}: classes [{lo}, {lo + sizes[rank]}) of {vocab}, loss {loss.item():.6f} "
           "matches the full logits")
+
+    # The output layer (vocab x hidden) sharded by rows: this rank's rows only.
+    hidden = torch.randn(n, 16, dtype=torch.float64)
+    lm_head = torch.randn(vocab, 16, dtype=torch.float64) * 0.3
+    h = hidden.clone().requires_grad_()
+    w = lm_head[lo:lo + sizes[rank]].clone().requires_grad_()
+    loss_fn = fused_softmax_ce.LinearCrossEntropyLoss(label_smoothing=0.1, process_group=dist.group.WORLD)
+    loss = loss_fn(h, w, target)
+    loss.backward()
+    # h.grad is this rank's term of the sum over the shards; a tensor-parallel
+    # model all-reduces it where the hidden states enter the sharded layer.
+    dist.all_reduce(h.grad)
+
+    h_full, w_full = hidden.clone().requires_grad_(), lm_head.clone().requires_grad_()
+    expected = fused_softmax_ce.linear_cross_entropy(h_full, w_full, target, label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(h.grad, h_full.grad)
+    torch.testing.assert_close(w.grad, w_full.grad[lo:lo + sizes[rank]])
+    print(f"rank {rank}/{world}: rows [{lo}, {lo + sizes[rank]}) of the output layer, loss {loss.item():.6f} "
+          "matches the full weight")
     dist.destroy_process_group()
 
 

@@ -95,11 +95,70 @@ def _linear_ce(
                                need_input_grad, need_weight_grad, need_bias_grad)
 
 
+def chunks(input, w, b, cdt, chunk_size):
+    """(start, stop, input rows in cdt, their logits input @ w.T + b) per
+    chunk of rows; the logits live in one buffer reused by every chunk: no
+    allocation, and no fresh pages to fault in, per chunk."""
+    n = input.shape[0]
+    rows = max(1, min(chunk_size, n))
+    buf = torch.empty(rows, w.shape[0], dtype=cdt, device=input.device)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        x = input[start:stop].to(cdt)
+        logits = buf[: stop - start]
+        if b is None:
+            torch.mm(x, w.t(), out=logits)
+        else:
+            torch.addmm(b, x, w.t(), out=logits)
+        yield start, stop, x, logits
+
+
+class Grads:
+    """The gradients of input, linear_weight and linear_bias, summed over
+    chunks from each chunk's dloss/dlogits; a fresh empty tensor stands for
+    each not asked for (the op's outputs must not alias one another)."""
+
+    def __init__(self, input, linear_weight, linear_bias, cdt, chunk_size, grad_acc_dtype, need_input,
+                 need_weight, need_bias):
+        n, h = input.shape
+        v, device = linear_weight.shape[0], input.device
+        self.needs = (need_input, need_weight, need_bias)
+        self.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
+        self.input = (torch.empty_like(input, memory_format=torch.contiguous_format) if need_input
+                      else input.new_empty(0))
+        self.weight = torch.zeros(v, h, dtype=grad_acc_dtype, device=device) if need_weight else input.new_empty(0)
+        self.bias = torch.zeros(v, dtype=grad_acc_dtype, device=device) if need_bias else input.new_empty(0)
+        # A grad-input buffer, reused by every chunk, when it needs a cast.
+        rows = max(1, min(chunk_size, n))
+        self.cast_buf = torch.empty(rows, h, dtype=cdt, device=device) if need_input and cdt != input.dtype else None
+
+    def add(self, g, x, w, start, stop):
+        """Adds the chunk's share for its dloss/dlogits g, input rows x and weight w (both in g's dtype)."""
+        need_input, need_weight, need_bias = self.needs
+        if need_input:
+            if self.cast_buf is None:
+                torch.mm(g, w, out=self.input[start:stop])
+            else:
+                self.input[start:stop] = torch.mm(g, w, out=self.cast_buf[: stop - start])
+        if need_weight:
+            if self.weight.dtype == g.dtype:
+                self.weight.addmm_(g.t(), x)
+            else:
+                self.weight += g.t() @ x
+        if need_bias:
+            self.bias += g.sum(0, dtype=self.bias.dtype)
+
+    def result(self):
+        """(input, weight, bias) gradients in their tensors' dtypes."""
+        self.cast_buf = None
+        return tuple(grad.to(dtype) if needed else grad
+                     for grad, dtype, needed in zip((self.input, self.weight, self.bias), self.dtypes, self.needs))
+
+
 def _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scale, row_scale,
                     reduction, options, lse_grad_scale, stats, chunk_size, grad_acc_dtype,
                     need_input_grad, need_weight_grad, need_bias_grad):
-    n, h = input.shape
-    v = linear_weight.shape[0]
+    n = input.shape[0]
     dtype, device = input.dtype, input.device
     cdt = _compute_dtype(dtype, device)
     acc = acc_dtype(cdt)
@@ -111,24 +170,10 @@ def _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scal
     loss = torch.empty(n, dtype=acc, device=device)
     lse = torch.empty(n, dtype=torch.float64, device=device)
     pred = torch.empty(n if stats else 0, dtype=torch.long, device=device)
-    # Outputs must not alias one another: a fresh empty tensor for each gradient not asked for.
-    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input_grad else input.new_empty(0)
-    grad_w = torch.zeros(v, h, dtype=grad_acc_dtype, device=device) if need_weight_grad else input.new_empty(0)
-    grad_b = torch.zeros(v, dtype=grad_acc_dtype, device=device) if need_bias_grad else input.new_empty(0)
-    # One logits buffer (and one grad-input buffer when it needs a cast) reused
-    # by every chunk: no allocation, and no fresh pages to fault in, per chunk.
-    rows = max(1, min(chunk_size, n))
-    buf = torch.empty(rows, v, dtype=cdt, device=device)
-    gi_buf = torch.empty(rows, h, dtype=cdt, device=device) if need_input_grad and cdt != dtype else None
+    grads = Grads(input, linear_weight, linear_bias, cdt, chunk_size, grad_acc_dtype,
+                  need_input_grad, need_weight_grad, need_bias_grad)
 
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        x = input[start:stop].to(cdt)
-        logits = buf[: stop - start]
-        if b is None:
-            torch.mm(x, w.t(), out=logits)
-        else:
-            torch.addmm(b, x, w.t(), out=logits)
+    for start, stop, x, logits in chunks(input, w, b, cdt, chunk_size):
         chunk = _chunk_loss(logits, target[start:stop], cw, grad_scale, lse_grad_scale, options, stats,
                             write_grad)
         loss[start:stop], lse[start:stop] = chunk[0], chunk[1]
@@ -138,19 +183,9 @@ def _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scal
             continue
         if row_scale is not None:
             ops.scale_grad_(logits, row_scale[start:stop])
-        if need_input_grad:
-            if gi_buf is None:
-                torch.mm(logits, w, out=grad_input[start:stop])
-            else:
-                grad_input[start:stop] = torch.mm(logits, w, out=gi_buf[: stop - start])
-        if need_weight_grad:
-            if grad_w.dtype == cdt:
-                grad_w.addmm_(logits.t(), x)
-            else:
-                grad_w += logits.t() @ x
-        if need_bias_grad:
-            grad_b += logits.sum(0, dtype=grad_b.dtype)
-    del w, buf, gi_buf
+        grads.add(logits, x, w, start, stop)
+    del w
+    grad_input, grad_w, grad_b = grads.result()
 
     # lse_grad_scale / 2 is z_loss_scale over the z-loss's own denominator
     # (ignored rows have lse 0).
@@ -161,10 +196,7 @@ def _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scal
         out, z_loss = loss.sum(), z_rows.sum()
     else:
         out, z_loss = loss.sum() * grad_scale, z_rows.sum()
-    return (out + z_loss, grad_input,
-            grad_w.to(linear_weight.dtype) if need_weight_grad else grad_w,
-            grad_b.to(linear_bias.dtype) if need_bias_grad else grad_b,
-            z_loss, lse, pred)
+    return out + z_loss, grad_input, grad_w, grad_b, z_loss, lse, pred
 
 
 @_linear_ce.register_fake
@@ -323,6 +355,7 @@ def linear_cross_entropy(
     softcap=None,
     z_loss_scale=0.0,
     return_stats=False,
+    process_group=None,
 ):
     """Same arguments and results as `torch.nn.functional.linear_cross_entropy`,
     ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)``,
@@ -344,6 +377,16 @@ def linear_cross_entropy(
     `cross_entropy`'s; with ``return_stats`` the result is a
     `CrossEntropyStats` whose ``z_loss`` and ``lse`` are not differentiable
     here (the gradients are computed in the forward).
+
+    ``process_group``: vocab parallel. ``linear_weight`` (and ``linear_bias``,
+    and ``weight``) hold this rank's contiguous slice of the vocabulary rows,
+    in rank order; ``input``, ``target`` (global class indices) and the
+    options are the same on every rank. Every rank gets the loss of the full
+    weight and the gradients of its own slices; the gradient of ``input`` is
+    this rank's term of the sum over the shards (Megatron's convention: the
+    region that copies ``input`` to the ranks all-reduces it; without one,
+    all-reduce ``input.grad`` yourself). See
+    `fused_softmax_ce.vocab_parallel_linear`.
     """
     _Reduction.get_enum(reduction)  # ValueError on an unknown reduction, as PyTorch
     if ignore_index is None:  # PyTorch's default for class-index targets
@@ -370,22 +413,28 @@ def linear_cross_entropy(
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
 
     acc = acc_dtype(_compute_dtype(x.dtype, x.device))
-    scale = torch.ones((), dtype=acc, device=x.device)
-    if reduction == "mean":
-        # 1/denominator is folded into the gradients in the accumulation dtype.
-        scale = scale / mean_denominator(t, weight, ignore_index, v, acc)
     valid = t != ignore_index
     count = valid.sum().to(acc)
-    lse_grad_scale = None
-    if z_loss_scale:
-        lse_grad_scale = 2 * z_loss_scale * (1 / count if reduction == "mean" else torch.ones_like(count))
     grad_on = torch.is_grad_enabled()
-    need = [grad_on and reduction != "none" and p is not None and p.requires_grad
-            for p in (x, linear_weight, linear_bias)]
-    loss, _, _, _, z_loss, lse, pred = _linear_ce(
-        x, linear_weight, t, linear_bias, weight, scale, None, reduction, ignore_index,
-        float(label_smoothing), float(logit_scale), float(softcap or 0.0), lse_grad_scale,
-        bool(return_stats), int(chunk_size), grad_acc_dtype, *need)
+    if process_group is not None:
+        from .vocab_parallel_linear import vocab_parallel_linear_cross_entropy  # it imports this module
+        loss, z_loss, lse, pred = vocab_parallel_linear_cross_entropy(
+            x, linear_weight, t, linear_bias, weight, reduction, ignore_index, label_smoothing, logit_scale,
+            softcap, z_loss_scale, return_stats, chunk_size, grad_acc_dtype, valid, count, process_group)
+    else:
+        scale = torch.ones((), dtype=acc, device=x.device)
+        if reduction == "mean":
+            # 1/denominator is folded into the gradients in the accumulation dtype.
+            scale = scale / mean_denominator(t, weight, ignore_index, v, acc)
+        lse_grad_scale = None
+        if z_loss_scale:
+            lse_grad_scale = 2 * z_loss_scale * (1 / count if reduction == "mean" else torch.ones_like(count))
+        need = [grad_on and reduction != "none" and p is not None and p.requires_grad
+                for p in (x, linear_weight, linear_bias)]
+        loss, _, _, _, z_loss, lse, pred = _linear_ce(
+            x, linear_weight, t, linear_bias, weight, scale, None, reduction, ignore_index,
+            float(label_smoothing), float(logit_scale), float(softcap or 0.0), lse_grad_scale,
+            bool(return_stats), int(chunk_size), grad_acc_dtype, *need)
     if reduction == "none":
         loss, z_loss = loss.reshape(loss_shape), z_loss.reshape(loss_shape)
     loss = loss.to(out_dtype)
@@ -401,13 +450,14 @@ def linear_cross_entropy(
 
 class LinearCrossEntropyLoss(nn.Module):
     """A module for `linear_cross_entropy`: the constructor takes its keyword options
-    (weight, reduction, ignore_index, label_smoothing, chunk_size, grad_acc_dtype);
+    (weight, reduction, ignore_index, label_smoothing, chunk_size, grad_acc_dtype, and
+    keyword-only logit_scale, softcap, z_loss_scale, return_stats, process_group);
     ``weight`` is a buffer, so ``.to()`` and ``state_dict`` carry it.
     """
 
     def __init__(self, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
                  chunk_size=None, grad_acc_dtype=None, *, logit_scale=1.0, softcap=None,
-                 z_loss_scale=0.0, return_stats=False):
+                 z_loss_scale=0.0, return_stats=False, process_group=None):
         super().__init__()
         self.register_buffer("weight", weight)
         self.reduction = reduction
@@ -419,6 +469,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.softcap = softcap
         self.z_loss_scale = z_loss_scale
         self.return_stats = return_stats
+        self.process_group = process_group
 
     def forward(self, input, linear_weight, target, linear_bias=None):
         return linear_cross_entropy(
@@ -427,6 +478,7 @@ class LinearCrossEntropyLoss(nn.Module):
             label_smoothing=self.label_smoothing, chunk_size=self.chunk_size,
             grad_acc_dtype=self.grad_acc_dtype, logit_scale=self.logit_scale, softcap=self.softcap,
             z_loss_scale=self.z_loss_scale, return_stats=self.return_stats,
+            process_group=self.process_group,
         )
 
     def extra_repr(self):

@@ -25,6 +25,10 @@ one all_gather of float64 slots: per row lse_k, and (L_k, A_k) in the
 accumulation type (one slot for float32, two for float64), so 16 R bytes per
 rank (24 R for float64 logits); +16 R with stats, +16 R more with stats and
 probability targets, +8 with class weights. None in the backward.
+
+The vocab-parallel linear_cross_entropy (vocab_parallel_linear.py) runs the
+kernels on chunks of its logits and shares the rest: `combine_shards` and
+`reducer`.
 """
 import math
 
@@ -88,11 +92,10 @@ def shard_of(group, n_classes, rows, device):
     return offset, total
 
 
-def _shard_coefficient(target, weight, label_smoothing, ignore_index, offset, total, x3):
+def _shard_coefficient(target, weight, label_smoothing, ignore_index, offset, total, n_classes):
     """A_k per row (float64): this shard's part of A = coef_y + k sum_a, and
     for class-index targets this shard's w_y (0 when y is elsewhere)."""
     eps = label_smoothing
-    n_classes = x3.shape[1]
     sum_w = float(n_classes) if weight is None else weight.double().sum()
     if target.is_floating_point():
         t = target.double()
@@ -117,21 +120,34 @@ def _value_at(x3, index, options):
     return D.effective_logits(x3.gather(1, idx), *options[2:4]).reshape(-1).double()
 
 
+def stat_columns(x3, target, pred, target_pred, options, offset):
+    """The per-row values the stats gather (float64): the shard's max effective
+    logit and its argmax, and for probability targets the target's."""
+    cols = [_value_at(x3, pred - offset, options), pred.double()]
+    if target.is_floating_point():
+        t_max = target.gather(1, (target_pred - offset).reshape(D.row_shape(x3))).reshape(-1)
+        cols += [t_max.double(), target_pred.double()]
+    return cols
+
+
 def _gather_rows(x3, target, weight, options, stats, group, offset, total):
-    """Runs the shard's forward and the all_gather: (loss_rows, lse, A - A_k,
-    pred, target_pred, sum of w_y or None), all global."""
-    ignore_index, label_smoothing = options[:2]
+    """Runs the shard's forward, then `combine_shards`."""
     loss_k, lse_k, pred, target_pred = ops.ce_forward(x3, target, weight, *options, stats, offset, total)
-    A_k, w_y = _shard_coefficient(target, weight, label_smoothing, ignore_index, offset, total, x3)
+    cols = stat_columns(x3, target, pred, target_pred, options, offset) if stats else []
+    return combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, options, group, offset,
+                          total, x3.shape[1])
+
+
+def combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, options, group, offset, total,
+                   n_classes):
+    """The all_gather of the shard's per-row (lse_k, L_k, A_k) and stat
+    columns: (loss_rows, lse, A - A_k, pred, target_pred, sum of w_y or
+    None), all global; pred and target_pred pass through without stats."""
+    ignore_index, label_smoothing = options[:2]
+    A_k, w_y = _shard_coefficient(target, weight, label_smoothing, ignore_index, offset, total, n_classes)
     # (L_k, A_k) travel in the accumulation type, the kernels' own precision:
     # for float32 the pair is one float64 slot. lse_k and the stats are float64.
     pair = torch.stack([loss_k, A_k.to(loss_k.dtype)], 1).view(torch.float64).reshape(-1)
-    cols = []
-    if stats:
-        cols += [_value_at(x3, pred - offset, options), pred.double()]
-        if target.is_floating_point():
-            t_max = target.gather(1, (target_pred - offset).reshape(D.row_shape(x3))).reshape(-1)
-            cols += [t_max.double(), target_pred.double()]
     rows = lse_k.numel()
     extra = [w_y.sum().reshape(1)] if w_y is not None and weight is not None else []
     payload = torch.cat([lse_k, pair] + cols + extra)
@@ -149,7 +165,7 @@ def _gather_rows(x3, target, weight, options, stats, group, offset, total):
     shift = torch.where(A_all != 0, A_all * (lse - lse_all), 0.0)
     loss = (loss_all.sum(0) + shift.sum(0)).to(loss_k.dtype)
     A_rest = A_all.sum(0) - A_all[dist.get_rank(group)]
-    if stats:
+    if cols:
         pred = _first_max(per_row[:, 0], per_row[:, 1]).long()
         if target.is_floating_point():
             target_pred = _first_max(per_row[:, 2], per_row[:, 3]).long()
@@ -162,8 +178,8 @@ def _refuse_create_graph():
     # second-order term through it would silently be zero.
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "cross_entropy with process_group does not support higher-order gradients "
-            "(create_graph=True); its gradient is not itself differentiable"
+            "cross_entropy and linear_cross_entropy with process_group do not support higher-order "
+            "gradients (create_graph=True); their gradient is not itself differentiable"
         )
 
 
@@ -246,6 +262,24 @@ class InplaceVocabParallelFn(torch.autograd.Function):
         return (scale_saved_grad_once(ctx, grad_loss),) + (None,) * 8
 
 
+def reducer(reduction, weight, valid, count, z_loss_scale, acc):
+    """reduce(loss_rows, lse, w_y_sum) -> (loss, z_loss, the loss's gradient
+    scale, the lse's gradient per unit lse), for the global rows; `count` is
+    the number of rows not ignored, `valid` those rows (None: all)."""
+    def reduce(loss_rows, lse, w_y_sum):
+        mean = reduction == "mean"
+        den = (count if valid is None or weight is None else w_y_sum.to(acc)) if mean else None
+        loss = reduce_rows(loss_rows, reduction, den)
+        one = torch.ones((), dtype=acc, device=loss.device)
+        grad_scale = one / den if mean else one
+        if not z_loss_scale:
+            return loss, torch.zeros_like(loss), grad_scale, None
+        z_den = count if mean else None
+        z_loss = reduce_rows(z_loss_rows(lse, valid, z_loss_scale, acc), reduction, z_den)
+        return loss + z_loss, z_loss, grad_scale, 2 * z_loss_scale * (one / z_den if mean else one)
+    return reduce
+
+
 def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                                  inplace_backward, logit_scale, softcap, z_loss_scale, return_stats,
                                  process_group):
@@ -275,19 +309,7 @@ def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
     options = (ignore_index, label_smoothing, float(logit_scale), float(softcap or 0.0))
     count = torch.full((), rows, dtype=acc, device=input.device) if valid is None else valid.sum().to(acc)
 
-    def reduce(loss_rows, lse, w_y_sum):
-        """(loss, z_loss, the loss's gradient scale, the lse's per unit lse)."""
-        mean = reduction == "mean"
-        den = (count if valid is None or weight is None else w_y_sum.to(acc)) if mean else None
-        loss = reduce_rows(loss_rows, reduction, den)
-        one = torch.ones((), dtype=acc, device=loss.device)
-        grad_scale = one / den if mean else one
-        if not z_loss_scale:
-            return loss, torch.zeros_like(loss), grad_scale, None
-        z_den = count if mean else None
-        z_loss = reduce_rows(z_loss_rows(lse, valid, z_loss_scale, acc), reduction, z_den)
-        return loss + z_loss, z_loss, grad_scale, 2 * z_loss_scale * (one / z_den if mean else one)
-
+    reduce = reducer(reduction, weight, valid, count, z_loss_scale, acc)
     if inplace:
         loss, z_loss, lse, pred, target_pred = InplaceVocabParallelFn.apply(
             x3, t, weight, options, return_stats, group, offset, total, reduce)

@@ -35,6 +35,23 @@ CASES = [
 ]
 
 
+# linear_cross_entropy's keyword arguments per case, and flags: "bias",
+# "weight" (class weights), "ignore" (ignored rows), "batch" (a (B, T, H)
+# input), "frozen" (an input that does not require grad).
+LINEAR_CASES = [
+    dict(reduction="mean"),
+    dict(reduction="sum", label_smoothing=0.2, bias=True, chunk_size=4),
+    dict(reduction="none", ignore=True, weight=True, label_smoothing=0.1, bias=True, chunk_size=2),
+    dict(reduction="mean", ignore=True, weight=True, label_smoothing=0.3, chunk_size=1),
+    dict(reduction="mean", ignore=True, z_loss_scale=0.01, softcap=4.0, logit_scale=0.7, return_stats=True,
+         bias=True, chunk_size=3),
+    dict(reduction="none", batch=True, weight=True, z_loss_scale=0.02, return_stats=True),
+    dict(reduction="sum", ignore=True, weight=True, return_stats=True, chunk_size=5),
+    dict(reduction="none", frozen=True, bias=True, softcap=2.0, chunk_size=3),
+]
+LINEAR_FLAGS = ("bias", "weight", "ignore", "batch", "frozen")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,6 +131,114 @@ def check_case(kind, kw, dtype, sizes, rank, group, seed):
         close(t.grad, t_full.grad[:, lo:hi], "grad of the target's slice")
 
 
+def check_linear_case(kw, dtype, sizes, rank, group, seed):
+    """linear_cross_entropy on this rank's rows of the weight against the
+    single process on the full weight in float64; the input's gradient
+    summed over the ranks against the full one."""
+    import torch.distributed as dist
+
+    import fused_softmax_ce
+
+    total = sum(sizes)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    torch.manual_seed(seed)
+    rows, hidden = ((2, 4) if kw.get("batch") else (7,)), 5
+    x = random_logits(rows + (hidden,), dtype, "cpu", scale=1.0)
+    w = random_logits((total, hidden), dtype, "cpu", scale=1.0)
+    b = random_logits((total,), dtype, "cpu", scale=0.5) if kw.get("bias") else None
+    y = random_targets(total, rows, "cpu", ignore_index=-100 if kw.get("ignore") else None, ignore_every=3)
+    cw = torch.rand(total, dtype=torch.float64).add(0.5).to(dtype) if kw.get("weight") else None
+    upstream = torch.rand(rows if kw["reduction"] == "none" else (), dtype=torch.float64) + 0.5
+    options = {k: v for k, v in kw.items() if k not in LINEAR_FLAGS}
+
+    def run(x, w, b, cw, **extra):
+        """The result and the gradients {name: grad} of the leaves."""
+        leaves = {name: t.clone().requires_grad_(name != "input" or not kw.get("frozen"))
+                  for name, t in (("input", x), ("weight", w), ("bias", b)) if t is not None}
+        out = fused_softmax_ce.linear_cross_entropy(leaves["input"], leaves["weight"], y,
+                                                    linear_bias=leaves.get("bias"), weight=cw, **options, **extra)
+        loss = out.loss if kw.get("return_stats") else out
+        leaves = {name: t for name, t in leaves.items() if t.requires_grad}
+        grads = torch.autograd.grad((loss * upstream.to(loss.dtype)).sum(), list(leaves.values()))
+        return out, dict(zip(leaves, grads))
+
+    def f64(t):
+        return None if t is None else t.double()
+
+    ref, ref_grads = run(f64(x), f64(w), f64(b), f64(cw))
+    out, grads = run(x, w[lo:hi], None if b is None else b[lo:hi], None if cw is None else cw[lo:hi],
+                     process_group=group)
+    atol, rtol = TOLERANCES[dtype]
+
+    def close(actual, expected, what):
+        torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
+                                   msg=lambda m: f"linear {kw} {dtype} {sizes} rank {rank}: {what}: {m}")
+
+    fields = ("loss", "z_loss", "lse", "accuracy") if kw.get("return_stats") else ()
+    for field in fields:
+        close(getattr(out, field), getattr(ref, field), field)
+    loss = out.loss if fields else out
+    close(loss, ref.loss if fields else ref, "loss")
+    assert loss.dtype == dtype and loss.shape == (ref.loss if fields else ref).shape
+    assert grads.keys() == ref_grads.keys() and all(g.dtype == dtype for g in grads.values())
+    if "input" in grads:
+        # The input's gradient is this rank's term: the ranks' terms add up to it.
+        grad_input = grads["input"].clone()
+        dist.all_reduce(grad_input, group=group)
+        close(grad_input, ref_grads["input"], "grad of the input, summed over the ranks")
+    close(grads["weight"], ref_grads["weight"][lo:hi], "grad of the weight's rows")
+    if b is not None:
+        close(grads["bias"], ref_grads["bias"][lo:hi], "grad of the bias's slice")
+
+
+def check_linear_errors(sizes, rank, group):
+    import fused_softmax_ce
+
+    total = sum(sizes)
+    x = random_logits((4, 3), torch.float64, "cpu").requires_grad_()
+    w = random_logits((sizes[rank], 3), torch.float64, "cpu").requires_grad_()
+    y = torch.randint(0, total, (4,))
+    with pytest.raises(IndexError, match="out of bounds"):
+        fused_softmax_ce.linear_cross_entropy(x, w, torch.full((4,), total), process_group=group)
+    with pytest.raises(RuntimeError, match="weight"):  # the full-width class weight, not this rank's slice
+        fused_softmax_ce.linear_cross_entropy(x, w, y, weight=torch.ones(total, dtype=torch.float64),
+                                              process_group=group)
+    loss = fused_softmax_ce.linear_cross_entropy(x, w, y, process_group=group)
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    stats = fused_softmax_ce.linear_cross_entropy(x, w, y, z_loss_scale=0.1, return_stats=True,
+                                                  process_group=group)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        (stats.loss + stats.lse.sum()).backward()
+    # Every row ignored: the mean is nan and the gradients zero, as on one process.
+    loss = fused_softmax_ce.linear_cross_entropy(x, w, torch.full((4,), -100), label_smoothing=0.1,
+                                                 z_loss_scale=0.1, process_group=group)
+    grads = torch.autograd.grad(loss, (x, w))
+    assert loss.isnan() and not any(g.any() for g in grads)
+    rows = 5 if rank == 0 else 4  # rank 0 holds one row more than the others
+    with pytest.raises((ValueError, RuntimeError), match="disagree on the number of rows"):
+        fused_softmax_ce.linear_cross_entropy(x.new_ones(rows, 3), w, torch.zeros(rows, dtype=torch.long),
+                                              process_group=group)
+
+
+def check_linear_memory(sizes, rank, group):
+    """Nothing N x V_k-sized is allocated in the forward or the backward:
+    the logits live in chunks (here 4 rows)."""
+    import fused_softmax_ce
+
+    # This rank's rows of the output layer: N x V_k dwarfs the O(world x N) all_gather.
+    n, classes = 128, 200 * (rank + 1)
+    x = random_logits((n, 4), torch.float64, "cpu").requires_grad_()
+    w = random_logits((classes, 4), torch.float64, "cpu").requires_grad_()
+    y = torch.randint(0, 100 * len(sizes) * (len(sizes) + 1), (n,))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        stats = fused_softmax_ce.linear_cross_entropy(x, w, y, chunk_size=4, label_smoothing=0.1, z_loss_scale=0.01,
+                                                      return_stats=True, process_group=group)
+        stats.loss.backward()
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest < n * classes * 8 // 4, largest
+
+
 def check_errors(sizes, rank, group):
     import fused_softmax_ce
 
@@ -143,10 +268,18 @@ def worker(rank, sizes, port, results):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=len(sizes), timeout=datetime.timedelta(seconds=TIMEOUT_S))
         group = dist.new_group(list(range(len(sizes))), timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        uneven = len(set(sizes)) > 1  # linear_cross_entropy runs in these groups only, to save time
         for dtype in (torch.float64, torch.float32):
             for seed, (kind, kw) in enumerate(CASES):
                 check_case(kind, kw, dtype, sizes, rank, group, seed)
+            for seed, kw in enumerate(LINEAR_CASES if uneven else []):
+                check_linear_case(kw, dtype, sizes, rank, group, seed)
         check_errors(sizes, rank, group)
+        if uneven:
+            for seed, kw in enumerate(LINEAR_CASES[3:6]):  # bf16 runs its matmuls in fp32 on the CPU
+                check_linear_case(kw, torch.bfloat16, sizes, rank, group, seed)
+            check_linear_errors(sizes, rank, group)
+            check_linear_memory(sizes, rank, group)
         results.put((rank, None))
     except BaseException:
         results.put((rank, traceback.format_exc()))
@@ -195,4 +328,4 @@ def test_example_runs_under_torchrun():
          str(ROOT / "examples" / "vocab_parallel.py")],
         capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "matches the full logits" in out.stdout
+    assert "matches the full logits" in out.stdout and "matches the full weight" in out.stdout

@@ -1,0 +1,111 @@
+"""Vocab-parallel `linear_cross_entropy`: the rows of linear_weight (the
+vocabulary) sharded across the ranks of a torch.distributed process group.
+
+Rank k holds the contiguous rows [offset_k, offset_k + V_k) of linear_weight
+(and of linear_bias and the class weight), in rank order; input and target
+(global class indices) are the same on every rank. Two passes over the same
+chunks of rows, neither holding more than a chunk of the shard's logits:
+
+- forward: each chunk's logits x W_k^T + b_k go through the kernel with the
+  shard's class offset, which gives per row lse_k and L_k (and the stats);
+  then vocab_parallel's one all_gather gives every rank the global loss and
+  lse (see `vocab_parallel.combine_shards`);
+- backward: the chunk's logits again, the kernel's exact gradient of the
+  shard with the global lse (grad_lse = g (A - A_k), as in vocab_parallel),
+  and the matmuls into grad W_k, grad b_k and this rank's term of grad input.
+
+The gradient of input is sum_k dlogits_k W_k over the shards; each rank
+returns its own term. That is Megatron-LM's convention for the
+column-parallel output layer: the input reaches it through
+copy_to_tensor_model_parallel_region (DTensor: a Replicate input whose
+gradient comes back Partial), whose backward all-reduces the gradient.
+Without such a region, all-reduce input's gradient over the group. The
+gradient reaching the loss must be the same on every rank.
+
+Collectives: vocab_parallel's two per forward (a 16-byte size check and the
+16 N-byte all_gather), none in the backward; no host sync after the first
+call per (group, shard size).
+"""
+import torch
+
+from ._ops import acc_dtype, ops
+from .linear import Grads, _compute_dtype, chunks
+from .vocab_parallel import _group, _refuse_create_graph, combine_shards, reducer, shard_of, stat_columns
+
+
+class VocabParallelLinearFn(torch.autograd.Function):
+    """(loss, z_loss, lse, pred) of the global rows; only `loss` is differentiable."""
+
+    @staticmethod
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, options, stats, chunk_size,
+                grad_acc_dtype, group, offset, total, reduce):
+        n, device = input.shape[0], input.device
+        cdt = _compute_dtype(input.dtype, device)
+        w, b, cw = (None if t is None else t.to(cdt) for t in (linear_weight, linear_bias, weight))
+        loss_k = torch.empty(n, dtype=acc_dtype(cdt), device=device)
+        lse_k = torch.empty(n, dtype=torch.float64, device=device)
+        cols = torch.empty(2 if stats else 0, n, dtype=torch.float64, device=device)
+        no_pred = torch.empty(0, dtype=torch.long, device=device)
+        # The matmuls run in cdt as chosen here, not in an enclosing autocast's dtype.
+        with torch.autocast(device.type, enabled=False):
+            for start, stop, _x, logits in chunks(input, w, b, cdt, chunk_size):
+                t = target[start:stop]
+                loss_k[start:stop], lse_k[start:stop], pred, _target_pred = ops.ce_forward(
+                    logits, t, cw, *options, stats, offset, total)
+                if stats:
+                    cols[:, start:stop] = torch.stack(stat_columns(logits, t, pred, None, options, offset))
+        loss_rows, lse, A_rest, pred, _, w_y_sum = combine_shards(
+            loss_k, lse_k, list(cols), no_pred, no_pred, target, weight, options, group, offset, total,
+            linear_weight.shape[0])
+        loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum)
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, A_rest, grad_scale,
+                              lse_grad_scale)
+        ctx.args = (options, chunk_size, grad_acc_dtype, offset, total)
+        ctx.mark_non_differentiable(z_loss, lse, pred)
+        ctx.set_materialize_grads(False)
+        return loss, z_loss, lse, pred
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        _refuse_create_graph()
+        (input, linear_weight, linear_bias, target, weight, lse, A_rest, grad_scale,
+         lse_grad_scale) = ctx.saved_tensors
+        options, chunk_size, grad_acc_dtype, offset, total = ctx.args
+        if weight is not None and ctx.needs_input_grad[4]:
+            raise RuntimeError("the derivative for 'weight' is not implemented.")
+        needs = ctx.needs_input_grad[:3]
+        none = (None,) * 10
+        if grad_loss is None or not any(needs):
+            return (None,) * 3 + none
+        cdt = _compute_dtype(input.dtype, input.device)
+        acc = acc_dtype(cdt)
+        go = grad_loss.to(acc)  # a scalar, or per row for reduction 'none'
+        g = (go * grad_scale).expand(lse.shape).contiguous()
+        # The other shards' part of g A, so that the kernel's gradient
+        # coefficient is the whole row's; plus the z-loss's d/d lse.
+        h = g.double() * A_rest
+        if lse_grad_scale is not None:
+            h = h + go.double() * lse_grad_scale * lse * (target != options[0])
+        h = h.to(acc)
+        w, b, cw = (None if t is None else t.to(cdt) for t in (linear_weight, linear_bias, weight))
+        grads = Grads(input, linear_weight, linear_bias, cdt, chunk_size, grad_acc_dtype, *needs)
+        with torch.autocast(input.device.type, enabled=False):
+            for start, stop, x, logits in chunks(input, w, b, cdt, chunk_size):
+                rows = slice(start, stop)
+                grad = ops.ce_backward(g[rows], h[rows], logits, target[rows], cw, lse[rows], *options,
+                                       offset, total)
+                grads.add(grad, x, w, start, stop)
+        return tuple(grad if need else None for grad, need in zip(grads.result(), needs)) + none
+
+
+def vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                        ignore_index, label_smoothing, logit_scale, softcap, z_loss_scale,
+                                        stats, chunk_size, grad_acc_dtype, valid, count, process_group):
+    """`linear_cross_entropy(..., process_group=group)` on checked (N, H)
+    input and (N,) int64 target: (loss, z_loss, lse, pred), reduced."""
+    group = _group(process_group)
+    offset, total = shard_of(group, linear_weight.shape[0], input.shape[0], input.device)
+    options = (ignore_index, float(label_smoothing), float(logit_scale), float(softcap or 0.0))
+    reduce = reducer(reduction, weight, valid, count, z_loss_scale, count.dtype)
+    return VocabParallelLinearFn.apply(input, linear_weight, linear_bias, target, weight, options, bool(stats),
+                                       int(chunk_size), grad_acc_dtype, group, offset, total, reduce)
