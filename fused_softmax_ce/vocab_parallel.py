@@ -72,13 +72,13 @@ def shard_of(group, n_classes, rows, device):
         row_counts = [r for _, r in sizes]
         if len(set(row_counts)) != 1:
             raise ValueError(
-                f"vocab-parallel cross_entropy: the ranks of process_group disagree on the number "
+                f"vocab-parallel cross-entropy: the ranks of process_group disagree on the number "
                 f"of rows: got {row_counts} (rank order); every rank must hold the same rows"
             )
         classes = [c for c, _ in sizes]
         if any(c < 1 for c in classes):
             raise ValueError(
-                f"vocab-parallel cross_entropy: every rank must hold at least one class, got "
+                f"vocab-parallel cross-entropy: every rank must hold at least one class, got "
                 f"class slices of sizes {classes} (rank order)"
             )
         rank = dist.get_rank(group)
@@ -86,7 +86,7 @@ def shard_of(group, n_classes, rows, device):
     offset, total, classes = _SHARDS[key]
     torch._assert_async(
         (every[:, 1] == rows).all() & (every[:, 0] == classes).all(),
-        "vocab-parallel cross_entropy: the ranks of process_group disagree on the number of rows, "
+        "vocab-parallel cross-entropy: the ranks of process_group disagree on the number of rows, "
         "or their class slices changed since they were first seen",
     )
     return offset, total
