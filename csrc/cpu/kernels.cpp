@@ -1,6 +1,6 @@
 // Fused softmax cross-entropy on the CPU.
 //
-// Contiguous rows (inner == 1) of float/bf16/fp16 take the 16-lane SIMD path:
+// Contiguous rows (inner == 1) of float/bf16/fp16 take the 8-lane SIMD path:
 // the forward is one online pass (running max and rescaled sum per lane), the
 // backward one read and one write. Spatial rows (N, C, d1..dk) and float64
 // take a strided scalar path. Rows are split across threads with
@@ -44,7 +44,7 @@ struct Probs {
   explicit operator bool() const { return own || acc; }
   FSCE_VINLINE acc_t at(int64_t i) const { return acc ? acc[i] : static_cast<acc_t>(own[i]); }
   FSCE_VINLINE vfloat vec(int64_t j, int count) const {
-    if (count == kLanes) return acc ? load16(acc + j) : load16(own + j);
+    if (count == kLanes) return acc ? loadv(acc + j) : loadv(own + j);
     return acc ? load_partial(acc + j, count, 0.f) : load_partial(own + j, count, 0.f);
   }
 };
@@ -157,9 +157,9 @@ FSCE_VINLINE void grad_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, in
 
 // ------------------------------------------------------------------ SIMD path
 
-FSCE_VINLINE vint lane_ids() { return vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+FSCE_VINLINE vint lane_ids() { return vint{0, 1, 2, 3, 4, 5, 6, 7}; }
 
-// The logit transform on 16 lanes.
+// The logit transform on a vector.
 template <int TR>
 FSCE_VINLINE vfloat vec_value_slope(const LogitTransform<TR, float>& tr, vfloat z, vfloat* slope) {
   if constexpr (TR == kIdentity) {
@@ -186,11 +186,11 @@ FSCE_VINLINE vfloat vec_value(const LogitTransform<TR, float>& tr, vfloat z) {
   return vec_value_slope<TR>(tr, z, nullptr);
 }
 
-// a_j for 16 classes starting at j; lanes at or past `count` are 0.
+// a_j for kLanes classes starting at j; lanes at or past `count` are 0.
 template <typename T, int MODE>
 FSCE_VINLINE vfloat coef_vec(Probs<T> t, const float* w, int64_t j, int count, float eps, float inv_c) {
   const bool full = count == kLanes;
-  vfloat a = w ? (full ? load16(w + j) : load_partial(w + j, count, 0.f)) : splat(1.f);
+  vfloat a = w ? (full ? loadv(w + j) : load_partial(w + j, count, 0.f)) : splat(1.f);
   if constexpr (MODE == kProb) a = a * ((1.f - eps) * t.vec(j, count) + eps * inv_c);
   return full ? a : (lane_ids() < count ? a : vfloat{});
 }
@@ -275,9 +275,9 @@ template <typename T, int MODE, int TR, int NV>
 FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const Recipe<float, TR>& rc, int64_t j,
                                float pivot, LaneState& st, float* keep) {
   vfloat x[NV];
-  for (int k = 0; k < NV; ++k) x[k] = vec_value<TR>(rc.tr, load16(z + j + k * kLanes));
+  for (int k = 0; k < NV; ++k) x[k] = vec_value<TR>(rc.tr, loadv(z + j + k * kLanes));
   if (keep)
-    for (int k = 0; k < NV; ++k) store16(keep + j + k * kLanes, x[k]);
+    for (int k = 0; k < NV; ++k) storev(keep + j + k * kLanes, x[k]);
   const vfloat cm = TR == kSoftcap && rc.bounded ? absorb_bounded<NV>(st.s, st.m, x) : absorb<NV>(st.m, st.s, x);
   if constexpr (MODE != kPlain) {
     for (int k = 0; k < NV; ++k) {
@@ -367,12 +367,12 @@ FSCE_VINLINE void grad_vec(const T* z, Probs<T> t, T* out, const Recipe<float, T
     vfloat slope, v;
     if constexpr (TR == kSoftcap) {
       if (kept) {
-        v = full ? load16(kept + j) : load_partial(kept + j, count, 0.f);
+        v = full ? loadv(kept + j) : load_partial(kept + j, count, 0.f);
         slope = vec_slope_of(rc.tr, v);
       }
     }
     if (TR != kSoftcap || !kept)
-      v = vec_value_slope<TR>(rc.tr, full ? load16(z + j) : load_partial(z + j, count, 0.f), &slope);
+      v = vec_value_slope<TR>(rc.tr, full ? loadv(z + j) : load_partial(z + j, count, 0.f), &slope);
     vfloat d = c.gA * exp2v(((v - lse_hi) - lse_lo) * kLog2e);
     if constexpr (MODE != kPlain) d -= c.gk * coef_vec<T, MODE>(t, rc.w, j, count, rc.eps, rc.inv_c);
     // The target's -coef_y is folded in fp32, before rounding to the output type.
@@ -380,7 +380,7 @@ FSCE_VINLINE void grad_vec(const T* z, Probs<T> t, T* out, const Recipe<float, T
     if (static_cast<uint64_t>(y - j) < kLanes) d = lane_ids() == int(y - j) ? d - c.gy : d;
     if constexpr (TR != kIdentity) d = d * slope;
     if (full)
-      store16(out + j, d);
+      storev(out + j, d);
     else
       store_partial(out + j, d, count);
   }

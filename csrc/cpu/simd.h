@@ -1,7 +1,9 @@
-// Portable 16-lane float SIMD on GCC/Clang vector extensions. The same code is
+// Portable 8-lane float SIMD on GCC/Clang vector extensions. The same code is
 // compiled once per ISA through target_clones (see FSCE_CPU_CLONES), so the
 // package build never needs -march=native: the loader picks AVX-512, AVX2 or
-// the SSE2 baseline at run time.
+// the SSE2 baseline at run time. 8 lanes (256 bits) are native on AVX2 and
+// AVX-512; GCC lowers the compares and selects of wider generic vectors
+// element by element through the stack on AVX2, about 8x slower.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -20,11 +22,11 @@
 
 namespace fsce::cpu {
 
-constexpr int kLanes = 16;
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint32_t vuint __attribute__((vector_size(64)));
-typedef uint16_t vbits16 __attribute__((vector_size(32)));
+constexpr int kLanes = 8;
+typedef float vfloat __attribute__((vector_size(32)));
+typedef int32_t vint __attribute__((vector_size(32)));
+typedef uint32_t vuint __attribute__((vector_size(32)));
+typedef uint16_t vbits16 __attribute__((vector_size(16)));
 
 FSCE_VINLINE vfloat splat(float v) { return vfloat{} + v; }
 
@@ -84,28 +86,28 @@ FSCE_VINLINE vfloat tanhv(vfloat x) {
   return p * x / q;
 }
 
-// Loads and stores of 16 elements, converting to and from float.
-FSCE_VINLINE vfloat load16(const float* p) {
+// Loads and stores of kLanes elements, converting to and from float.
+FSCE_VINLINE vfloat loadv(const float* p) {
   vfloat v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-FSCE_VINLINE vfloat load16(const c10::BFloat16* p) {
+FSCE_VINLINE vfloat loadv(const c10::BFloat16* p) {
   vbits16 b;
   std::memcpy(&b, p, sizeof b);
   return as_float(__builtin_convertvector(b, vuint) << 16);
 }
 
-FSCE_VINLINE vfloat load16(const c10::Half* p) {
+FSCE_VINLINE vfloat loadv(const c10::Half* p) {
   float tmp[kLanes];
   for (int i = 0; i < kLanes; ++i) tmp[i] = static_cast<float>(p[i]);
-  return load16(tmp);
+  return loadv(tmp);
 }
 
-FSCE_VINLINE void store16(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+FSCE_VINLINE void storev(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 
-FSCE_VINLINE void store16(c10::BFloat16* p, vfloat v) {
+FSCE_VINLINE void storev(c10::BFloat16* p, vfloat v) {
   // Round to nearest even, keeping nan a quiet nan.
   vuint u = as_uint(v);
   vuint rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
@@ -114,7 +116,7 @@ FSCE_VINLINE void store16(c10::BFloat16* p, vfloat v) {
   std::memcpy(p, &b, sizeof b);
 }
 
-FSCE_VINLINE void store16(c10::Half* p, vfloat v) {
+FSCE_VINLINE void storev(c10::Half* p, vfloat v) {
   for (int i = 0; i < kLanes; ++i) p[i] = c10::Half(v[i]);
 }
 
@@ -124,13 +126,13 @@ template <typename T>
 FSCE_VINLINE vfloat load_partial(const T* p, int count, float pad) {
   T tmp[kLanes];
   for (int i = 0; i < kLanes; ++i) tmp[i] = i < count ? p[i] : T(pad);
-  return load16(tmp);
+  return loadv(tmp);
 }
 
 template <typename T>
 FSCE_VINLINE void store_partial(T* p, vfloat v, int count) {
   T tmp[kLanes];
-  store16(tmp, v);
+  storev(tmp, v);
   for (int i = 0; i < count; ++i) p[i] = tmp[i];
 }
 
