@@ -7,8 +7,10 @@
 // once per vector, and sum, exp2-based, fp32); the backward recomputes
 // softmax from the saved lse. Plain rows (class indices, no weights, no
 // smoothing) have loops of their own, free of per-class coefficients.
-// Spatial rows (N, C, S): one thread per (n, s), threads laid along s so that
-// loads over c coalesce. All offsets are int64.
+// Spatial rows (N, C, S): threads laid along s so that loads over c
+// coalesce; plain rows with S a multiple of V take V adjacent rows per thread
+// (one 8-byte vector per column), the others one row per thread. All offsets
+// are int64.
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -170,6 +172,17 @@ struct Values {
 template <int VB>
 using VecOf = std::conditional_t<VB == 16, uint4, uint2>;
 
+// The values of one vector load of T, in acc_t.
+template <typename T, typename V>
+__device__ __forceinline__ Values<typename AccOf<T>::type, sizeof(V) / sizeof(T)> unpack(V raw) {
+  constexpr int kVec = sizeof(V) / sizeof(T);
+  const T* vals = reinterpret_cast<const T*>(&raw);
+  Values<typename AccOf<T>::type, kVec> x;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) x.x[k] = to_acc(vals[k]);
+  return x;
+}
+
 // G consecutive threads (G <= 32, or G == blockDim.x) own one row.
 template <typename T, int G>
 struct GroupWalker {
@@ -193,7 +206,7 @@ struct GroupWalker {
     const int64_t nvec = (end - body) / kVec;
     const auto* vec = reinterpret_cast<const VecOf<VB>*>(z + body);
 #pragma unroll U
-    for (int64_t v = lane; v < nvec; v += G) f(body + v * kVec, unpack(vec[v]));
+    for (int64_t v = lane; v < nvec; v += G) f(body + v * kVec, unpack<T>(vec[v]));
     for (int64_t j = body + nvec * kVec + lane; j < end; j += G) f(j, scalar(z[j]));
   }
 
@@ -218,7 +231,7 @@ struct GroupWalker {
     auto* out_vec = reinterpret_cast<VecOf<VB>*>(out + body);
 #pragma unroll U
     for (int64_t v = lane; v < nvec; v += G) {
-      const Values<acc_t, kVec> d = f(body + v * kVec, unpack(in_vec[v]));
+      const Values<acc_t, kVec> d = f(body + v * kVec, unpack<T>(in_vec[v]));
       VecOf<VB> packed;
       T* res = reinterpret_cast<T*>(&packed);
 #pragma unroll
@@ -247,16 +260,6 @@ struct GroupWalker {
 
  private:
   __device__ __forceinline__ static Values<acc_t, 1> scalar(T z) { return {{to_acc(z)}}; }
-
-  template <typename V>
-  __device__ __forceinline__ static Values<acc_t, sizeof(V) / sizeof(T)> unpack(V raw) {
-    constexpr int kVec = sizeof(V) / sizeof(T);
-    const T* vals = reinterpret_cast<const T*>(&raw);
-    Values<acc_t, kVec> x;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) x.x[k] = to_acc(vals[k]);
-    return x;
-  }
 
   // The first column at or after `begin` whose address is 16-byte aligned
   // (z is element-aligned); the columns before it are the scalar head.
@@ -379,9 +382,10 @@ struct RowContext {
   __device__ __forceinline__ acc_t pivot() const {
     return skip || empty ? acc_t(0) : finite_or_zero(tr.value(to_acc(z[0])));
   }
-  __device__ __forceinline__ acc_t v_y() const {
-    return (!skip && tgt.y >= 0) ? tr.value(to_acc(z[tgt.y * step])) : acc_t(0);
-  }
+  __device__ __forceinline__ bool has_y() const { return !skip && tgt.y >= 0; }
+  // z_y as stored (before the transform), 0 without a target column here.
+  __device__ __forceinline__ acc_t z_y() const { return has_y() ? to_acc(z[tgt.y * step]) : acc_t(0); }
+  __device__ __forceinline__ acc_t v_y() const { return has_y() ? tr.value(z_y()) : acc_t(0); }
   __device__ __forceinline__ acc_t fill() const { return tgt.ignored ? acc_t(0) : quiet_nan<acc_t>(); }
 };
 
@@ -460,6 +464,13 @@ __device__ __forceinline__ void write_loss(const CEParams& p, int64_t r, const R
   }
 }
 
+// gA * p_j for z_j, with lse = hi + lo, and dvalue(z_j) in `slope`.
+template <int TR, typename acc_t>
+__device__ __forceinline__ acc_t softmax_grad(const LogitTransform<TR, acc_t>& tr, acc_t z, acc_t hi,
+                                              acc_t lo, acc_t gA, acc_t& slope) {
+  return gA * exp_acc((tr.value_slope(z, slope) - hi) - lo);
+}
+
 // grad = dvalue * (gA p - gk a - [j == y] gy) over the walker's columns
 // (row_math.h), with lse = hi + lo; GENERAL as in row_pass.
 template <bool GENERAL, typename T, int TR, typename Walker>
@@ -476,8 +487,7 @@ __device__ __forceinline__ void grad_pass(const RowContext<T, TR>& row, const Wa
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       acc_t slope;
-      const acc_t v = row.tr.value_slope(x.x[k], slope);
-      acc_t d = c.gA * exp_acc((v - hi) - lo);
+      acc_t d = softmax_grad(row.tr, x.x[k], hi, lo, c.gA, slope);
       if constexpr (GENERAL) d -= c.gk * row.coef(j + k);
       if (k == ky) d -= c.gy;  // folded in fp32, before rounding to the output type
       out.x[k] = TR == kIdentity ? d : d * slope;
@@ -528,6 +538,18 @@ __device__ __forceinline__ void load_saved(const CEParams& p, int64_t r, const R
   if (p.lse_grad_scale) lse_grad = *static_cast<const acc_t*>(p.lse_grad_scale) * (hi + lo);
 }
 
+// The in-place forward's counterpart of load_saved, from the row's reduced
+// partial: lse = m + log s (as hi + lo), the gradient's scale and the lse
+// gradient.
+template <typename acc_t>
+__device__ __forceinline__ void inplace_saved(const CEParams& p, const Partial<acc_t>& part, acc_t& hi,
+                                              acc_t& lo, acc_t& scale, acc_t& lse_grad) {
+  hi = part.m;
+  lo = static_cast<acc_t>(log(part.s));
+  scale = *static_cast<const acc_t*>(p.grad_scale);
+  lse_grad = p.lse_grad_scale ? *static_cast<const acc_t*>(p.lse_grad_scale) * (hi + lo) : acc_t(0);
+}
+
 // Everything one row does in one phase, with one walker covering the row.
 template <typename T, int PHASE, int TR, bool STATS, typename Walker>
 __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool active,
@@ -542,11 +564,9 @@ __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool a
       // The pivot and v_y reads above must land before this group's writes
       // to the same row; a warp's shuffles alone do not order memory.
       if constexpr (Walker::kSyncsWarp) __syncwarp();
-      const acc_t log_s = static_cast<acc_t>(log(part.s));
-      const acc_t lse_grad =
-          p.lse_grad_scale ? *static_cast<const acc_t*>(p.lse_grad_scale) * (part.m + log_s) : acc_t(0);
-      write_grad(row, walk, part.m, log_s, *static_cast<const acc_t*>(p.grad_scale),
-                 row_sum_a<acc_t>(p, row.mode, part.sa), lse_grad);
+      acc_t hi, lo, scale, lse_grad;
+      inplace_saved(p, part, hi, lo, scale, lse_grad);
+      write_grad(row, walk, hi, lo, scale, row_sum_a<acc_t>(p, row.mode, part.sa), lse_grad);
     }
   } else {
     acc_t hi, lo, scale, lse_grad, sa = 0;
@@ -579,6 +599,139 @@ __global__ void __launch_bounds__(256) spatial_kernel(const CEParams p) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= p.rows) return;
   process_row<T, PHASE, TR, STATS>(p, r, true, StridedWalker<T>{p.classes, p.inner});
+}
+
+// Spatial rows, V = 8 / sizeof(T) adjacent ones per thread: consecutive s
+// are adjacent in memory, so column j of the V rows is one 8-byte load (and
+// store), and a 2-byte element no longer pays a 64-bit address of its own.
+// Plain rows only (class-index targets, no smoothing, no statistics), with
+// S, the pointers and the outer strides multiples of V elements (checked by
+// spatial_rows_fit). The vector loops carry no per-row test: after the
+// gradient pass the same thread rewrites each row's target column (its -gy
+// term) and fills its skipped rows (ignored or invalid targets).
+template <typename T>
+constexpr int spatial_rows() {
+  return 8 / static_cast<int>(sizeof(T));
+}
+constexpr int kSpatialCols = 4;  // columns per iteration: 4 loads in flight
+
+template <typename T, int PHASE, int TR>
+__global__ void __launch_bounds__(256) spatial_rows_kernel(const CEParams p) {
+  using acc_t = typename AccOf<T>::type;
+  constexpr int V = spatial_rows<T>(), K = kSpatialCols;
+  using Vec = VecOf<V * sizeof(T)>;
+  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (r0 >= p.rows) return;
+  const int64_t C = p.classes, S = p.inner;
+  const LogitTransform<TR, acc_t> tr = logit_transform<TR, acc_t>(p);
+  const T* z = static_cast<const T*>(p.logits) + row_offsets(p, r0).logits;
+  acc_t hi[V], lo[V], z_y[V];
+  GradCoefs<acc_t> c[V];
+  // Plain rows have no a_j terms: sum_a = 0.
+  if constexpr (PHASE == kBackward) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const RowContext<T, TR> row(p, r0 + k, true);
+      acc_t scale, lse_grad;
+      load_saved(p, r0 + k, row, hi[k], lo[k], scale, lse_grad);
+      c[k] = grad_coefs(row.tgt, acc_t(0), scale, lse_grad);
+      z_y[k] = row.z_y();
+    }
+  } else {
+    acc_t pivot[V], v_y[V];
+    Partial<acc_t> part[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const RowContext<T, TR> row(p, r0 + k, true);
+      pivot[k] = row.pivot();  // read before any write (in place)
+      z_y[k] = row.z_y();
+      v_y[k] = row.v_y();
+      part[k] = empty_partial<acc_t>();
+    }
+    const T* col = z;
+    int64_t j = 0;
+#pragma unroll 1
+    for (; j + K <= C; j += K) {
+      acc_t v[V][K];
+#pragma unroll
+      for (int i = 0; i < K; ++i, col += S) {
+        const auto x = unpack<T>(*reinterpret_cast<const Vec*>(col));
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k][i] = tr.value(x.x[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < V; ++k) absorb<false>(part[k], v[k], j);
+    }
+    for (; j < C; ++j, col += S) {
+      const auto x = unpack<T>(*reinterpret_cast<const Vec*>(col));
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const acc_t v[1] = {tr.value(x.x[k])};
+        absorb<false>(part[k], v, j);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const RowContext<T, TR> row(p, r0 + k, true);
+      write_loss<false>(p, r0 + k, row, part[k], pivot[k], v_y[k]);  // skipped rows: fill
+      if constexpr (PHASE == kForwardInplace) {
+        acc_t scale, lse_grad;
+        inplace_saved(p, part[k], hi[k], lo[k], scale, lse_grad);
+        c[k] = grad_coefs(row.tgt, acc_t(0), scale, lse_grad);
+      }
+    }
+  }
+  if constexpr (PHASE != kForward) {
+    T* g = static_cast<T*>(p.grad) + row_offsets(p, r0).grad;
+    // grad = dvalue * gA * p_j for every column of the V rows; the loads of
+    // K columns are issued before their stores (in place they may alias).
+    const auto grad_of = [&](const Vec& in) {
+      const auto x = unpack<T>(in);
+      Vec out;
+      T* res = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        acc_t slope;
+        const acc_t d = softmax_grad(tr, x.x[k], hi[k], lo[k], c[k].gA, slope);
+        res[k] = from_acc<T>(TR == kIdentity ? d : d * slope);
+      }
+      return out;
+    };
+    int64_t j = 0;
+#pragma unroll 1
+    for (; j + K <= C; j += K) {
+      Vec in[K];
+#pragma unroll
+      for (int i = 0; i < K; ++i) in[i] = *reinterpret_cast<const Vec*>(z + (j + i) * S);
+#pragma unroll
+      for (int i = 0; i < K; ++i) *reinterpret_cast<Vec*>(g + (j + i) * S) = grad_of(in[i]);
+    }
+    for (; j < C; ++j) *reinterpret_cast<Vec*>(g + j * S) = grad_of(*reinterpret_cast<const Vec*>(z + j * S));
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const RowContext<T, TR> row(p, r0 + k, true);
+      if (row.skip) {
+        const T fill = from_acc<T>(row.fill());
+        for (int64_t i = 0; i < C; ++i) g[k + i * S] = fill;
+      } else if (row.has_y()) {
+        acc_t slope;
+        const acc_t d = softmax_grad(tr, z_y[k], hi[k], lo[k], c[k].gA, slope) - c[k].gy;
+        g[k + row.tgt.y * S] = from_acc<T>(TR == kIdentity ? d : d * slope);
+      }
+    }
+  }
+}
+
+// Whether spatial_rows_kernel applies: plain rows, and vectors of V
+// elements aligned in the logits and the gradient.
+template <typename T>
+bool spatial_rows_fit(const CEParams& p) {
+  constexpr int V = spatial_rows<T>();
+  const auto aligned = [](const void* ptr, int64_t outer_stride) {
+    return reinterpret_cast<uintptr_t>(ptr) % (V * sizeof(T)) == 0 && outer_stride % V == 0;
+  };
+  return p.target_prob == nullptr && p.label_smoothing == 0 && p.inner % V == 0 &&
+         aligned(p.logits, p.logits_outer_stride) && (p.grad == nullptr || aligned(p.grad, p.grad_outer_stride));
 }
 
 // Split rows: few rows of many classes. Block b covers columns
@@ -687,6 +840,14 @@ unsigned grid_of(int64_t blocks) { return static_cast<unsigned>(blocks); }
 template <typename T, int PHASE, int TR, bool STATS>
 void launch_rows(const CEParams& p, cudaStream_t stream) {
   if (p.inner > 1) {
+    if constexpr (sizeof(T) <= 4 && !STATS) {
+      if (spatial_rows_fit<T>(p)) {
+        const int64_t threads = p.rows / spatial_rows<T>();
+        spatial_rows_kernel<T, PHASE, TR><<<grid_of((threads + 255) / 256), 256, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
     spatial_kernel<T, PHASE, TR, STATS><<<grid_of((p.rows + 255) / 256), 256, 0, stream>>>(p);
   } else if (p.classes <= 2048) {
     rows_kernel<T, 32, PHASE, TR, STATS><<<grid_of((p.rows + 7) / 8), kRowThreads, 0, stream>>>(p);
