@@ -55,3 +55,31 @@ def test_overlapping_rows_get_a_contiguous_gradient(device):
     expected.backward()
     assert_close(loss, expected, torch.float32)
     assert_close(x0.grad, x_ref.grad, torch.float32)
+
+
+# Losses in the accumulation dtype: a half loss's .to() backward hands over a dense copy.
+@device_param()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(6, 37), (3, 7, 5)])
+def test_inplace_broadcast_grad_output_stays_one_value(device, dtype, shape, monkeypatch):
+    from fused_softmax_ce import _inplace
+
+    seen = []
+
+    class Spy:  # the package's ops, recording what scale_grad_ gets
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def scale_grad_(self, grad, grad_output):
+            seen.append(grad_output)
+            return ops.scale_grad_(grad, grad_output)
+
+    monkeypatch.setattr(_inplace, "ops", Spy())
+    x = random_logits(shape, dtype, device).requires_grad_()
+    target = random_targets(shape[1], (shape[0],) + shape[2:], device, ignore_index=-100)
+    loss = fce.cross_entropy(x * 1, target, reduction="none", inplace_backward=True)
+    (loss.sum() * 3).backward()  # grad_output: 3 broadcast over every row
+    assert len(seen) == 1 and seen[0].numel() == 1
+    x_ref = x.detach().double().requires_grad_()
+    (reference(x_ref, target, reduction="none").sum() * 3).backward()
+    assert_close(x.grad, x_ref.grad, dtype)
