@@ -183,6 +183,22 @@ __device__ __forceinline__ Values<typename AccOf<T>::type, sizeof(V) / sizeof(T)
   return x;
 }
 
+// p[0], p[step], .. p[(N - 1) * step] in the accumulation type: one vector
+// load where the values are contiguous and 8- or 16-byte aligned, else N
+// scalar loads.
+template <int N, typename U>
+__device__ __forceinline__ Values<typename AccOf<U>::type, N> load_values(const U* p, int64_t step) {
+  constexpr int kBytes = N * sizeof(U);
+  if constexpr (N > 1 && (kBytes == 8 || kBytes == 16)) {
+    if (step == 1 && reinterpret_cast<uintptr_t>(p) % kBytes == 0)
+      return unpack<U>(*reinterpret_cast<const VecOf<kBytes>*>(p));
+  }
+  Values<typename AccOf<U>::type, N> x;
+#pragma unroll
+  for (int k = 0; k < N; ++k) x.x[k] = to_acc(p[k * step]);
+  return x;
+}
+
 // G consecutive threads (G <= 32, or G == blockDim.x) own one row.
 template <typename T, int G>
 struct GroupWalker {
@@ -368,15 +384,28 @@ struct RowContext {
     empty = p.classes == 0;  // a shard without classes: lse = -inf, as on the CPU
   }
 
-  __device__ __forceinline__ acc_t target_at(int64_t j) const {
-    return t_acc ? t_acc[j * step] : to_acc(t[j * step]);
+  // t_j .. t_{j+N-1} of a probability target, and a_j .. a_{j+N-1} (w_j
+  // for index targets), each array read with vector loads where it can be.
+  template <int N>
+  __device__ __forceinline__ Values<acc_t, N> targets(int64_t j) const {
+    return t_acc ? load_values<N>(t_acc + j * step, step) : load_values<N>(t + j * step, step);
   }
-
-  __device__ __forceinline__ acc_t coef(int64_t j) const {
-    const acc_t wj = w ? w[j] : acc_t(1);
-    if (mode != kProb) return wj;
-    return prob_coef<acc_t>(target_at(j), wj, eps, inv_c);
+  template <int N>
+  __device__ __forceinline__ Values<acc_t, N> coefs(int64_t j) const {
+    Values<acc_t, N> a;
+    if (w) {
+      a = load_values<N>(w + j, 1);
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) a.x[k] = 1;
+    }
+    if (mode != kProb) return a;
+    const Values<acc_t, N> tj = targets<N>(j);
+#pragma unroll
+    for (int k = 0; k < N; ++k) a.x[k] = prob_coef<acc_t>(tj.x[k], a.x[k], eps, inv_c);
+    return a;
   }
+  __device__ __forceinline__ acc_t coef(int64_t j) const { return coefs<1>(j).x[0]; }
 
   // Read before any thread of the row writes (the in-place phase overwrites z).
   __device__ __forceinline__ acc_t pivot() const {
@@ -418,16 +447,18 @@ __device__ __forceinline__ Partial<typename AccOf<T>::type> row_pass(
     for (int k = 0; k < N; ++k) v[k] = row.tr.value(x.x[k]);
     absorb<STATS>(part, v, j);
     if constexpr (GENERAL) {
+      const Values<acc_t, N> a = row.template coefs<N>(j);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        const acc_t a = row.coef(j + k);
-        part.sa += a;
-        part.saz += a * (v[k] - pivot);
-        if constexpr (STATS) {
-          if (row.mode == kProb) {
-            const acc_t t = row.target_at(j + k);
-            if (beats(t, part.t_max) || part.target_pred < 0) part.t_max = t, part.target_pred = j + k;
-          }
+        part.sa += a.x[k];
+        part.saz += a.x[k] * (v[k] - pivot);
+      }
+      if constexpr (STATS) {
+        if (row.mode == kProb) {
+          const Values<acc_t, N> t = row.template targets<N>(j);
+#pragma unroll
+          for (int k = 0; k < N; ++k)
+            if (beats(t.x[k], part.t_max) || part.target_pred < 0) part.t_max = t.x[k], part.target_pred = j + k;
         }
       }
     }
@@ -483,12 +514,14 @@ __device__ __forceinline__ void grad_pass(const RowContext<T, TR>& row, const Wa
     constexpr int N = std::remove_reference_t<decltype(x)>::size;
     // The target's slot in these N columns, or -1 (one 64-bit test per vector).
     const int ky = static_cast<uint64_t>(y - j) < static_cast<uint64_t>(N) ? static_cast<int>(y - j) : -1;
+    [[maybe_unused]] Values<acc_t, N> a;
+    if constexpr (GENERAL) a = row.template coefs<N>(j);
     Values<acc_t, N> out;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       acc_t slope;
       acc_t d = softmax_grad(row.tr, x.x[k], hi, lo, c.gA, slope);
-      if constexpr (GENERAL) d -= c.gk * row.coef(j + k);
+      if constexpr (GENERAL) d -= c.gk * a.x[k];
       if (k == ky) d -= c.gy;  // folded in fp32, before rounding to the output type
       out.x[k] = TR == kIdentity ? d : d * slope;
     }
