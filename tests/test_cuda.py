@@ -143,3 +143,23 @@ def test_spatial_invalid_target_poisons_its_row(offset, inplace):
     assert torch.isnan(loss[bad]).all() and torch.isfinite(loss[~bad]).all()
     grad = x.grad.movedim(1, -1)  # (N, S, C)
     assert torch.isnan(grad[bad]).all() and torch.isfinite(grad[~bad]).all()
+
+
+# In place, 256-thread rows (C > 2048) of up to 112 KB keep their vectors in
+# shared memory between the two passes; longer ones read the row twice.
+# 300 rows: enough for the row kernels (no split). C = 3001: a scalar head
+# and tail around the vectors.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c", [3001, 32000, 60000])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_inplace_long_rows(dtype, c, weighted):
+    x = random_logits((300, c), dtype, "cuda").requires_grad_()
+    target = random_targets(c, (300,), "cuda", ignore_index=-100)
+    weight = (torch.rand(c, device="cuda") + 0.1).to(dtype) if weighted else None
+    loss = fce.cross_entropy(x * 1, target, weight, inplace_backward=True)
+    loss.backward()
+    x_ref = x.detach().double().requires_grad_()
+    expected = reference(x_ref, target, weight)
+    expected.backward()
+    assert_close(loss, expected, dtype)
+    assert_close(x.grad, x_ref.grad, dtype)

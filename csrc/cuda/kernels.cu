@@ -200,7 +200,11 @@ __device__ __forceinline__ Values<typename AccOf<U>::type, N> load_values(const 
 }
 
 // G consecutive threads (G <= 32, or G == blockDim.x) own one row.
-template <typename T, int G>
+// CACHED: each() also keeps its vectors in `cache` (shared memory, when not
+// null) and transform() reads them from there, so that a row read once is
+// written once; a thread reads back only the vectors it stored (the same
+// columns in both passes), so no barrier is needed.
+template <typename T, int G, bool CACHED = false>
 struct GroupWalker {
   using acc_t = typename AccOf<T>::type;
   // Groups of up to a warp reduce through shuffles only (larger ones pass a
@@ -208,6 +212,7 @@ struct GroupWalker {
   static constexpr bool kSyncsWarp = G <= 32;
   int lane;
   int64_t begin, end;  // the columns this group covers
+  void* cache = nullptr;  // CACHED: room for the row's vectors, or null
 
   __device__ __forceinline__ bool leader() const { return lane == 0; }
 
@@ -222,7 +227,13 @@ struct GroupWalker {
     const int64_t nvec = (end - body) / kVec;
     const auto* vec = reinterpret_cast<const VecOf<VB>*>(z + body);
 #pragma unroll U
-    for (int64_t v = lane; v < nvec; v += G) f(body + v * kVec, unpack<T>(vec[v]));
+    for (int64_t v = lane; v < nvec; v += G) {
+      const VecOf<VB> raw = vec[v];
+      if constexpr (CACHED) {
+        if (cache) static_cast<VecOf<VB>*>(cache)[v] = raw;
+      }
+      f(body + v * kVec, unpack<T>(raw));
+    }
     for (int64_t j = body + nvec * kVec + lane; j < end; j += G) f(j, scalar(z[j]));
   }
 
@@ -247,7 +258,12 @@ struct GroupWalker {
     auto* out_vec = reinterpret_cast<VecOf<VB>*>(out + body);
 #pragma unroll U
     for (int64_t v = lane; v < nvec; v += G) {
-      const Values<acc_t, kVec> d = f(body + v * kVec, unpack<T>(in_vec[v]));
+      VecOf<VB> raw;
+      if constexpr (CACHED)
+        raw = cache ? static_cast<const VecOf<VB>*>(cache)[v] : in_vec[v];
+      else
+        raw = in_vec[v];
+      const Values<acc_t, kVec> d = f(body + v * kVec, unpack<T>(raw));
       VecOf<VB> packed;
       T* res = reinterpret_cast<T*>(&packed);
 #pragma unroll
@@ -619,11 +635,18 @@ __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool a
 constexpr int kRowThreads = 256;
 constexpr int kRowBlocksPerSM = 2;
 
+// In place, a block's row of up to kRowCacheBytes stays in dynamic shared
+// memory between its two passes (`cached`): 2 blocks still fit an SM.
+constexpr int64_t kRowCacheBytes = 112 * 1024;
+
 template <typename T, int G, int PHASE, int TR, bool STATS>
-__global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) rows_kernel(const CEParams p) {
+__global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) rows_kernel(const CEParams p, bool cached) {
   constexpr int kGroups = kRowThreads / G;
+  constexpr bool kCached = PHASE == kForwardInplace && G == kRowThreads;
+  extern __shared__ uint4 row_cache[];
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / G;
-  GroupWalker<T, G> walk{static_cast<int>(threadIdx.x % G), 0, p.classes};
+  GroupWalker<T, G, kCached> walk{static_cast<int>(threadIdx.x % G), 0, p.classes,
+                                  kCached && cached ? row_cache : nullptr};
   process_row<T, PHASE, TR, STATS>(p, r, r < p.rows, walk);
 }
 
@@ -883,9 +906,15 @@ void launch_rows(const CEParams& p, cudaStream_t stream) {
     }
     spatial_kernel<T, PHASE, TR, STATS><<<grid_of((p.rows + 255) / 256), 256, 0, stream>>>(p);
   } else if (p.classes <= 2048) {
-    rows_kernel<T, 32, PHASE, TR, STATS><<<grid_of((p.rows + 7) / 8), kRowThreads, 0, stream>>>(p);
+    rows_kernel<T, 32, PHASE, TR, STATS><<<grid_of((p.rows + 7) / 8), kRowThreads, 0, stream>>>(p, false);
   } else {
-    rows_kernel<T, kRowThreads, PHASE, TR, STATS><<<grid_of(p.rows), kRowThreads, 0, stream>>>(p);
+    const int64_t row_bytes = (p.classes * static_cast<int64_t>(sizeof(T)) + 15) / 16 * 16;
+    const bool cached = PHASE == kForwardInplace && row_bytes <= kRowCacheBytes;
+    const int smem = cached ? static_cast<int>(row_bytes) : 0;
+    const auto kernel = rows_kernel<T, kRowThreads, PHASE, TR, STATS>;
+    if (smem > 48 * 1024)  // above the default limit of dynamic shared memory
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid_of(p.rows), kRowThreads, smem, stream>>>(p, cached);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
