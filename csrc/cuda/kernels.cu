@@ -209,7 +209,7 @@ struct GroupWalker {
   using acc_t = typename AccOf<T>::type;
   // Groups of up to a warp reduce through shuffles only (larger ones pass a
   // __syncthreads in reduce()).
-  static constexpr bool kSyncsWarp = G <= 32;
+  static constexpr bool syncs_warp() { return G <= 32; }
   int lane;
   int64_t begin, end;  // the columns this group covers
   void* cache = nullptr;  // CACHED: room for the row's vectors, or null
@@ -306,7 +306,7 @@ struct GroupWalker {
 template <typename T>
 struct StridedWalker {
   using acc_t = typename AccOf<T>::type;
-  static constexpr bool kSyncsWarp = false;  // one thread per row
+  static constexpr bool syncs_warp() { return false; }  // one thread per row
   int64_t C, step;
 
   __device__ __forceinline__ bool leader() const { return true; }
@@ -612,7 +612,7 @@ __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool a
     if constexpr (PHASE == kForwardInplace) {
       // The pivot and v_y reads above must land before this group's writes
       // to the same row; a warp's shuffles alone do not order memory.
-      if constexpr (Walker::kSyncsWarp) __syncwarp();
+      if constexpr (Walker::syncs_warp()) __syncwarp();
       acc_t hi, lo, scale, lse_grad;
       inplace_saved(p, part, hi, lo, scale, lse_grad);
       write_grad(row, walk, hi, lo, scale, row_sum_a<acc_t>(p, row.mode, part.sa), lse_grad);
