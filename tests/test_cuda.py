@@ -145,8 +145,9 @@ def test_spatial_invalid_target_poisons_its_row(offset, inplace):
     assert torch.isnan(grad[bad]).all() and torch.isfinite(grad[~bad]).all()
 
 
-# In place, 256-thread rows (C > 2048) of up to 112 KB keep their vectors in
-# shared memory between the two passes; longer ones read the row twice.
+# In place, 256-thread rows (C > 2048) of up to 112 KB (H100) keep their
+# vectors in shared memory between the two passes; longer ones read the row
+# twice.
 # 300 rows: enough for the row kernels (no split). C = 3001: a scalar head
 # and tail around the vectors.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -635,8 +635,9 @@ __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool a
 constexpr int kRowThreads = 256;
 constexpr int kRowBlocksPerSM = 2;
 
-// In place, a block's row of up to kRowCacheBytes stays in dynamic shared
-// memory between its two passes (`cached`): 2 blocks still fit an SM.
+// In place, a block's row of up to kRowCacheBytes (on H100; see
+// row_cache_bytes) stays in dynamic shared memory between its two passes
+// (`cached`): 2 blocks still fit an SM.
 constexpr int64_t kRowCacheBytes = 112 * 1024;
 
 template <typename T, int G, int PHASE, int TR, bool STATS>
@@ -883,6 +884,18 @@ int sm_count() {
   return count;
 }
 
+// The largest row kept in shared memory on this device: 2 blocks per SM
+// must still fit, with their static memory and the runtime's reserved 1 KB
+// each (2 KB of margin), capped at kRowCacheBytes (H100's value; A100 gets
+// 80 KB, sm_86/89 48 KB).
+int64_t row_cache_bytes() {
+  int device = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  const int64_t fit = per_sm / kRowBlocksPerSM - 2048;
+  return fit < kRowCacheBytes ? fit : kRowCacheBytes;
+}
+
 Split forward_split(const CEParams& p) {
   return fsce::forward_split(p.rows, p.classes, p.inner, p.target_prob != nullptr, sm_count());
 }
@@ -909,7 +922,7 @@ void launch_rows(const CEParams& p, cudaStream_t stream) {
     rows_kernel<T, 32, PHASE, TR, STATS><<<grid_of((p.rows + 7) / 8), kRowThreads, 0, stream>>>(p, false);
   } else {
     const int64_t row_bytes = (p.classes * static_cast<int64_t>(sizeof(T)) + 15) / 16 * 16;
-    const bool cached = PHASE == kForwardInplace && row_bytes <= kRowCacheBytes;
+    const bool cached = PHASE == kForwardInplace && row_bytes <= row_cache_bytes();
     const int smem = cached ? static_cast<int>(row_bytes) : 0;
     const auto kernel = rows_kernel<T, kRowThreads, PHASE, TR, STATS>;
     if (smem > 48 * 1024)  // above the default limit of dynamic shared memory
