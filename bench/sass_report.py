@@ -6,7 +6,8 @@ CUDAExtension uses, plus `-Xptxas -v -cubin`, and reports per kernel:
 - registers, spill stores/loads (bytes) and static shared memory, from the
   `-Xptxas -v` output;
 - resident blocks (and warps) per SM on Hopper, from registers, shared memory
-  and the kernel's threads per block (KERNELS below, read from kernels.cu's
+  (static, plus the most dynamic shared memory it is launched with:
+  DYNAMIC_SMEM) and the kernel's threads per block (KERNELS below, read from kernels.cu's
   launch code and checked against the cubin's __launch_bounds__);
 - SASS instructions per element in the hot loops, from `cuobjdump -sass`.
 
@@ -54,6 +55,7 @@ CI gate); the other budgets are reported, not gated.
 
     python bench/sass_report.py            # compile (cached in build/sass/), print, write CSV
     python bench/sass_report.py --check    # ... and exit 1 on a spill in a hot loop
+    python bench/sass_report.py --plain    # ... printing only the plain variants (README)
 """
 import argparse
 import csv
@@ -107,6 +109,8 @@ KERNELS = {
     "rows_kernel": (lambda a: 256, lambda a: PHASES[a[2]], lambda a: a[3] == IDENTITY and a[4] == NO_STATS),
     # spatial_kernel<T, PHASE, TR, STATS>
     "spatial_kernel": (lambda a: 256, lambda a: PHASES[a[1]], lambda a: a[2] == IDENTITY and a[3] == NO_STATS),
+    # spatial_rows_kernel<T, PHASE, TR>: plain rows only, V adjacent per thread
+    "spatial_rows_kernel": (lambda a: 256, lambda a: PHASES[a[1]], lambda a: a[2] == IDENTITY),
     # split_stats_kernel<T, TR, STATS>: kSplitThreads
     "split_stats_kernel": (lambda a: 256, lambda a: "forward", lambda a: a[1] == IDENTITY and a[2] == NO_STATS),
     # split_grad_kernel<T, TR>: also the in-place split path
@@ -116,6 +120,12 @@ KERNELS = {
     # scale_kernel<T>: scale_grad_ of the in-place mode
     "scale_kernel": (lambda a: 256, lambda a: "backward", lambda a: True),
 }
+
+# The most dynamic shared memory a kernel is launched with (its arguments a
+# as in KERNELS), counted in its resident blocks: the in-place 256-thread
+# rows keep a row of up to kRowCacheBytes there between their two passes.
+ROW_CACHE_BYTES = 112 * 1024
+DYNAMIC_SMEM = {"rows_kernel": lambda a: ROW_CACHE_BYTES if a[1] == 256 and a[2] == 1 else 0}
 
 # Budgets in SASS instructions per element (bf16/fp16) and the passes summed.
 BUDGETS = {"forward": (16, ("read",)), "backward": (12, ("write",)), "forward_inplace": (24, ("read", "write"))}
@@ -366,6 +376,7 @@ class Kernel:
     threads: int
     phase: str  # a PHASES value, or None
     plain: bool = True  # identity transform, no statistics: the budgeted variant
+    dynamic_smem: int = 0  # bytes, at most (DYNAMIC_SMEM)
 
     @property
     def params(self):
@@ -388,7 +399,8 @@ def describe(demangled):
     except (IndexError, KeyError, TypeError) as e:
         raise SystemExit(f"sass_report: {demangled}: its template arguments no longer match KERNELS in "
                          f"{__file__} ({e!r}); update the table from kernels.cu's launch code") from None
-    return Kernel(name, CXX_TYPES[args[0]], args[1:], threads, phase, plain)
+    dynamic = DYNAMIC_SMEM.get(name, lambda a: 0)(args)
+    return Kernel(name, CXX_TYPES[args[0]], args[1:], threads, phase, plain, dynamic)
 
 
 def demangle(names):
@@ -473,7 +485,7 @@ def compile_cached(force=False):
     log, stamp = CACHE / "ptxas.log", CACHE / "inputs.sha256"
     if not force and cubin.exists() and log.exists() and stamp.exists() and stamp.read_text() == digest.hexdigest():
         return log.read_text(), cubin, cmd
-    print(f"sass_report: compiling {SOURCE} for sm_{ARCH} (3 to 6 minutes on 2 cores: 253 kernels)...", file=sys.stderr, flush=True)
+    print(f"sass_report: compiling {SOURCE} for sm_{ARCH} (3 to 6 minutes on 2 cores)...", file=sys.stderr, flush=True)
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if run.returncode != 0:
         sys.stderr.write(run.stdout + run.stderr)
@@ -486,7 +498,8 @@ def compile_cached(force=False):
 # --- the report ---------------------------------------------------------------
 
 COLUMNS = ["toolkit", "arch", "date", "kernel", "dtype", "params", "phase", "plain_variant", "threads", "registers",
-           "spill_stores_bytes", "spill_loads_bytes", "stack_bytes", "static_smem_bytes", "blocks_per_sm",
+           "spill_stores_bytes", "spill_loads_bytes", "stack_bytes", "static_smem_bytes", "dynamic_smem_bytes",
+           "blocks_per_sm",
            "warps_per_sm", "occupancy_limiter", "loop", "loop_kind", "loop_instructions", "path_instructions",
            "loop_elements", "instr_per_element", "scalar_loop", "local_mem_in_loop", "calls_in_loop", "steady_state",
            "heuristic"]
@@ -512,7 +525,7 @@ def analyse(ptxas_log, sass_text, elf_text):
         res = resources.get(mangled)
         if res is None:
             raise SystemExit(f"sass_report: no ptxas -v line for {names[mangled]}")
-        blocks, limiter = resident_blocks(res.registers, res.smem, k.threads)
+        blocks, limiter = resident_blocks(res.registers, res.smem + k.dynamic_smem, k.threads)
         stats = [loop_stats(instrs, lp, ELEMENT_BYTES[k.dtype]) for lp in innermost(find_loops(instrs))]
         if not k.phase:  # no element loop by construction (e.g. a merge over splits)
             for s in stats:
@@ -558,7 +571,8 @@ def csv_rows(kernels, toolkit, date):
         base = dict(toolkit=toolkit, arch=f"sm_{ARCH}", date=date, kernel=k.name, dtype=k.dtype, params=k.params,
                     phase=k.phase or "", plain_variant=int(k.plain), threads=k.threads, registers=res.registers,
                     spill_stores_bytes=res.spill_stores, spill_loads_bytes=res.spill_loads, stack_bytes=res.stack,
-                    static_smem_bytes=res.smem, blocks_per_sm=r["blocks"], warps_per_sm=r["warps"],
+                    static_smem_bytes=res.smem, dynamic_smem_bytes=k.dynamic_smem,
+                    blocks_per_sm=r["blocks"], warps_per_sm=r["warps"],
                     occupancy_limiter=r["limiter"], heuristic=HEURISTIC)
         steady = {id(s) for s in r["passes"].values() if s}
         for s in r["loops"] or [None]:
@@ -592,7 +606,8 @@ def table(kernels):
             target = "occupancy"
         lines.append("| " + " | ".join([
             k.name, k.dtype, k.params, k.phase or "–", str(k.threads), str(res.registers),
-            f"{res.spill_stores}/{res.spill_loads}", str(res.smem), f"{r['blocks']} ({r['warps']})",
+            f"{res.spill_stores}/{res.spill_loads}", str(res.smem) + (f"+{k.dynamic_smem}" if k.dynamic_smem else ""),
+            f"{r['blocks']} ({r['warps']})",
             fmt(r["passes"]["read"]), fmt(r["passes"]["write"]), target,
             "ok" if not fails else "MISS: " + ", ".join(fails)]) + " |")
     return "\n".join(lines)
@@ -602,6 +617,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 on a spill (LDL/STL) inside an element loop")
     parser.add_argument("--force", action="store_true", help="recompile even when the sources are unchanged")
+    parser.add_argument("--plain", action="store_true",
+                        help="print only the plain variants (the README's table); the CSV has every kernel")
     parser.add_argument("--out", default=None,
                         help="CSV path (default: bench/results/sass-sm_90-cuda<version>-<date>.csv)")
     args = parser.parse_args()
@@ -622,7 +639,7 @@ def main():
 
     print(f"Static SASS report: sm_{ARCH}, CUDA {toolkit}, {date} (compiled code, not measured on a GPU). "
           "Per element in the steady-state loop; * = scalar loop (a lower bound).\n")
-    print(table(kernels))
+    print(table([r for r in kernels if r["kernel"].plain] if args.plain else kernels))
     print(f"\nCSV: {out}")
     spills = [(r["kernel"], s) for r in kernels for s in r["loops"] if s.local_accesses and s.kind]
     for k, s in spills:

@@ -35,6 +35,25 @@ at::Tensor in_block_layout(const at::Tensor& t) {
   return blocks_contiguous(t) ? t : t.contiguous();
 }
 
+// The gradient of `logits` (in block layout): for row-padded logits (an
+// outer stride above C * S, e.g. a slice x[:, 3:3 + C] of wider rows) it
+// takes their outer stride, and its storage offset is theirs modulo 16
+// bytes, so that input and gradient rows share their 16-byte alignment (the
+// storages themselves are aligned) and the CUDA row kernels keep their
+// vector path; the padding is never written. Other logits (overlapping rows
+// included) get a contiguous gradient at that offset. _ops.py's fake kernel
+// computes the same layout.
+at::Tensor gradient_like(const at::Tensor& logits) {
+  const int64_t n = logits.size(0), inner = logits.dim() == 3 ? logits.size(2) : 1;
+  const int64_t block = logits.size(1) * inner;
+  const int64_t outer = n > 1 && block > 0 && logits.stride(0) > block ? logits.stride(0) : block;
+  const int64_t offset = logits.storage_offset() % (16 / logits.element_size());
+  // Whole padded rows, so that n * outer elements from the gradient's start are its own.
+  const at::Tensor buffer = at::empty({offset + n * outer}, logits.options());
+  if (logits.dim() == 3) return buffer.as_strided(logits.sizes(), {outer, inner, 1}, offset);
+  return buffer.as_strided(logits.sizes(), {outer, 1}, offset);
+}
+
 struct Prepared {
   CEParams p{};
   // Tensors the params point into, kept alive through the launch.
@@ -186,8 +205,7 @@ at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_output,
     grad_lse_c = grad_lse->to(acc_type(logits)).contiguous();
     pr.p.grad_lse = grad_lse_c.data_ptr();
   }
-  at::Tensor grad = at::empty(pr.logits.sizes(), pr.logits.options().memory_format(
-                                                     at::MemoryFormat::Contiguous));
+  at::Tensor grad = gradient_like(pr.logits);
   pr.p.lse = const_cast<void*>(lse_c.data_ptr());
   pr.p.grad_output = grad_output.data_ptr();
   pr.p.grad_output_stride = grad_output.stride(0);

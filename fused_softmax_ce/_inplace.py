@@ -68,6 +68,11 @@ def scale_saved_grad_once(ctx, grad_output):
     ctx.backward_done = True
     (grad,) = ctx.saved_tensors
     if grad_output is not None:
+        # One value broadcast over the rows (loss.sum() of reduction="none")
+        # goes as that one value: scale_grad_ reads it with stride 0 (and
+        # skips a 1) instead of a converted per-row copy.
+        if grad_output.numel() > 1 and not any(grad_output.stride()):
+            grad_output = grad_output[(0,) * grad_output.dim()]
         ops.scale_grad_(grad, grad_output.to(acc_dtype(grad.dtype)))
     return grad
 

@@ -37,9 +37,25 @@ def _ce_forward_fake(logits, target, weight, ignore_index, label_smoothing, logi
     return _forward_outputs(logits, target, stats)
 
 
+def _blocks_contiguous(x):
+    """binding.cpp's blocks_contiguous: each n's [C, S] block is contiguous."""
+    if x.dim() == 2:
+        return x.shape[1] <= 1 or x.stride(1) == 1
+    return (x.shape[2] <= 1 or x.stride(2) == 1) and (x.shape[1] <= 1 or x.stride(1) == x.shape[2])
+
+
 @torch.library.register_fake("fused_softmax_ce::ce_backward")
 def _ce_backward_fake(grad_output, grad_lse, logits, target, weight, lse, *options):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    # binding.cpp's gradient_like, on the logits in block layout (a contiguous
+    # copy when they are not): row-padded logits keep their outer stride, and
+    # the storage offset is theirs modulo 16 bytes.
+    n, inner = logits.shape[0], logits.shape[2] if logits.dim() == 3 else 1
+    block = logits.shape[1] * inner
+    in_place = _blocks_contiguous(logits)
+    outer = logits.stride(0) if in_place and n > 1 and block > 0 and logits.stride(0) > block else block
+    offset = logits.storage_offset() % (16 // logits.element_size()) if in_place else 0
+    strides = (outer, inner, 1) if logits.dim() == 3 else (outer, 1)
+    return logits.new_empty(offset + n * outer).as_strided(logits.shape, strides, offset)
 
 
 @torch.library.register_fake("fused_softmax_ce::ce_forward_inplace")

@@ -101,3 +101,66 @@ def test_more_than_2_to_31_elements():
         g = torch.softmax(x[row].double(), 0)
         g[target[row]] -= 1
         assert_close(x.grad[row], g, torch.bfloat16)
+
+
+def logits_at(x, offset):
+    """x's values in a fresh buffer that starts `offset` elements past an aligned address, in the graph."""
+    buf = torch.empty(x.numel() + offset, dtype=x.dtype, device=x.device)
+    out = buf[offset:].view(x.shape)
+    out.copy_(x)
+    return out
+
+
+# S = 8 and 24 with offset 0: spatial_rows_kernel (V adjacent rows per thread);
+# S = 5, or logits 1 element off an 8-byte boundary: spatial_kernel.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7, 8), (2, 5, 4, 6), (2, 6, 5)])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_spatial_rows(dtype, shape, offset, inplace):
+    x = random_logits(shape, dtype, "cuda").requires_grad_()
+    target = random_targets(shape[1], (shape[0],) + shape[2:], "cuda", ignore_index=-100, ignore_every=5)
+    weight = (torch.rand(shape[1], device="cuda") + 0.1).to(dtype)
+    loss = fce.cross_entropy(logits_at(x, offset), target, weight, reduction="sum", inplace_backward=inplace)
+    loss.backward()
+    x_ref = x.detach().double().requires_grad_()
+    expected = reference(x_ref, target, weight, reduction="sum")
+    expected.backward()
+    assert_close(loss, expected, dtype)
+    assert_close(x.grad, x_ref.grad, dtype)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_spatial_invalid_target_poisons_its_row(offset, inplace):
+    x = random_logits((2, 5, 8), torch.bfloat16, "cuda").requires_grad_()
+    target = random_targets(5, (2, 8), "cuda")
+    target[1, 3] = 99
+    loss = fce.cross_entropy(logits_at(x, offset), target, reduction="none", inplace_backward=inplace)
+    loss.backward(torch.ones_like(loss))
+    bad = torch.zeros(2, 8, dtype=torch.bool, device="cuda")
+    bad[1, 3] = True
+    assert torch.isnan(loss[bad]).all() and torch.isfinite(loss[~bad]).all()
+    grad = x.grad.movedim(1, -1)  # (N, S, C)
+    assert torch.isnan(grad[bad]).all() and torch.isfinite(grad[~bad]).all()
+
+
+# In place, 256-thread rows (C > 2048) of up to 112 KB (H100) keep their
+# vectors in shared memory between the two passes; longer ones read the row
+# twice.
+# 300 rows: enough for the row kernels (no split). C = 3001: a scalar head
+# and tail around the vectors.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c", [3001, 32000, 60000])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_inplace_long_rows(dtype, c, weighted):
+    x = random_logits((300, c), dtype, "cuda").requires_grad_()
+    target = random_targets(c, (300,), "cuda", ignore_index=-100)
+    weight = (torch.rand(c, device="cuda") + 0.1).to(dtype) if weighted else None
+    loss = fce.cross_entropy(x * 1, target, weight, inplace_backward=True)
+    loss.backward()
+    x_ref = x.detach().double().requires_grad_()
+    expected = reference(x_ref, target, weight)
+    expected.backward()
+    assert_close(loss, expected, dtype)
+    assert_close(x.grad, x_ref.grad, dtype)

@@ -221,6 +221,10 @@ def test_describe_uses_the_launch_table_and_fails_on_unknown_kernels():
     k = sr.describe("void ns::rows_kernel<__half, 32, 1, 0, false>(fsce::CEParams)")
     assert (k.name, k.dtype, k.params, k.threads, k.phase, k.plain) == (
         "rows_kernel", "fp16", "32, 1, 0, false", 256, "forward_inplace", True)
+    # the in-place 256-thread rows keep a row in dynamic shared memory
+    assert k.dynamic_smem == 0
+    assert sr.describe("void ns::rows_kernel<__half, 256, 1, 0, false>(fsce::CEParams, bool)").dynamic_smem == (
+        sr.ROW_CACHE_BYTES)
     # the logit transform or the statistics make a variant that is reported, not budgeted
     assert not sr.describe("void ns::rows_kernel<float, 256, 2, 2, false>(fsce::CEParams)").plain
     assert not sr.describe("void ns::spatial_kernel<float, 0, 0, true>(fsce::CEParams)").plain

@@ -7,8 +7,10 @@
 // once per vector, and sum, exp2-based, fp32); the backward recomputes
 // softmax from the saved lse. Plain rows (class indices, no weights, no
 // smoothing) have loops of their own, free of per-class coefficients.
-// Spatial rows (N, C, S): one thread per (n, s), threads laid along s so that
-// loads over c coalesce. All offsets are int64.
+// Spatial rows (N, C, S): threads laid along s so that loads over c
+// coalesce; plain rows with S a multiple of V take V adjacent rows per thread
+// (one 8-byte vector per column), the others one row per thread. All offsets
+// are int64.
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -170,15 +172,47 @@ struct Values {
 template <int VB>
 using VecOf = std::conditional_t<VB == 16, uint4, uint2>;
 
+// The values of one vector load of T, in acc_t.
+template <typename T, typename V>
+__device__ __forceinline__ Values<typename AccOf<T>::type, sizeof(V) / sizeof(T)> unpack(V raw) {
+  constexpr int kVec = sizeof(V) / sizeof(T);
+  const T* vals = reinterpret_cast<const T*>(&raw);
+  Values<typename AccOf<T>::type, kVec> x;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) x.x[k] = to_acc(vals[k]);
+  return x;
+}
+
+// p[0], p[step], .. p[(N - 1) * step] in the accumulation type: one vector
+// load where the values are contiguous and 8- or 16-byte aligned, else N
+// scalar loads.
+template <int N, typename U>
+__device__ __forceinline__ Values<typename AccOf<U>::type, N> load_values(const U* p, int64_t step) {
+  constexpr int kBytes = N * sizeof(U);
+  if constexpr (N > 1 && (kBytes == 8 || kBytes == 16)) {
+    if (step == 1 && reinterpret_cast<uintptr_t>(p) % kBytes == 0)
+      return unpack<U>(*reinterpret_cast<const VecOf<kBytes>*>(p));
+  }
+  Values<typename AccOf<U>::type, N> x;
+#pragma unroll
+  for (int k = 0; k < N; ++k) x.x[k] = to_acc(p[k * step]);
+  return x;
+}
+
 // G consecutive threads (G <= 32, or G == blockDim.x) own one row.
-template <typename T, int G>
+// CACHED: each() also keeps its vectors in `cache` (shared memory, when not
+// null) and transform() reads them from there, so that a row read once is
+// written once; a thread reads back only the vectors it stored (the same
+// columns in both passes), so no barrier is needed.
+template <typename T, int G, bool CACHED = false>
 struct GroupWalker {
   using acc_t = typename AccOf<T>::type;
   // Groups of up to a warp reduce through shuffles only (larger ones pass a
   // __syncthreads in reduce()).
-  static constexpr bool kSyncsWarp = G <= 32;
+  static constexpr bool syncs_warp() { return G <= 32; }
   int lane;
   int64_t begin, end;  // the columns this group covers
+  void* cache = nullptr;  // CACHED: room for the row's vectors, or null
 
   __device__ __forceinline__ bool leader() const { return lane == 0; }
 
@@ -193,7 +227,13 @@ struct GroupWalker {
     const int64_t nvec = (end - body) / kVec;
     const auto* vec = reinterpret_cast<const VecOf<VB>*>(z + body);
 #pragma unroll U
-    for (int64_t v = lane; v < nvec; v += G) f(body + v * kVec, unpack(vec[v]));
+    for (int64_t v = lane; v < nvec; v += G) {
+      const VecOf<VB> raw = vec[v];
+      if constexpr (CACHED) {
+        if (cache) static_cast<VecOf<VB>*>(cache)[v] = raw;
+      }
+      f(body + v * kVec, unpack<T>(raw));
+    }
     for (int64_t j = body + nvec * kVec + lane; j < end; j += G) f(j, scalar(z[j]));
   }
 
@@ -218,7 +258,12 @@ struct GroupWalker {
     auto* out_vec = reinterpret_cast<VecOf<VB>*>(out + body);
 #pragma unroll U
     for (int64_t v = lane; v < nvec; v += G) {
-      const Values<acc_t, kVec> d = f(body + v * kVec, unpack(in_vec[v]));
+      VecOf<VB> raw;
+      if constexpr (CACHED)
+        raw = cache ? static_cast<const VecOf<VB>*>(cache)[v] : in_vec[v];
+      else
+        raw = in_vec[v];
+      const Values<acc_t, kVec> d = f(body + v * kVec, unpack<T>(raw));
       VecOf<VB> packed;
       T* res = reinterpret_cast<T*>(&packed);
 #pragma unroll
@@ -248,16 +293,6 @@ struct GroupWalker {
  private:
   __device__ __forceinline__ static Values<acc_t, 1> scalar(T z) { return {{to_acc(z)}}; }
 
-  template <typename V>
-  __device__ __forceinline__ static Values<acc_t, sizeof(V) / sizeof(T)> unpack(V raw) {
-    constexpr int kVec = sizeof(V) / sizeof(T);
-    const T* vals = reinterpret_cast<const T*>(&raw);
-    Values<acc_t, kVec> x;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) x.x[k] = to_acc(vals[k]);
-    return x;
-  }
-
   // The first column at or after `begin` whose address is 16-byte aligned
   // (z is element-aligned); the columns before it are the scalar head.
   __device__ __forceinline__ int64_t body_start(const T* z) const {
@@ -271,7 +306,7 @@ struct GroupWalker {
 template <typename T>
 struct StridedWalker {
   using acc_t = typename AccOf<T>::type;
-  static constexpr bool kSyncsWarp = false;  // one thread per row
+  static constexpr bool syncs_warp() { return false; }  // one thread per row
   int64_t C, step;
 
   __device__ __forceinline__ bool leader() const { return true; }
@@ -365,23 +400,37 @@ struct RowContext {
     empty = p.classes == 0;  // a shard without classes: lse = -inf, as on the CPU
   }
 
-  __device__ __forceinline__ acc_t target_at(int64_t j) const {
-    return t_acc ? t_acc[j * step] : to_acc(t[j * step]);
+  // t_j .. t_{j+N-1} of a probability target, and a_j .. a_{j+N-1} (w_j
+  // for index targets), each array read with vector loads where it can be.
+  template <int N>
+  __device__ __forceinline__ Values<acc_t, N> targets(int64_t j) const {
+    return t_acc ? load_values<N>(t_acc + j * step, step) : load_values<N>(t + j * step, step);
   }
-
-  __device__ __forceinline__ acc_t coef(int64_t j) const {
-    const acc_t wj = w ? w[j] : acc_t(1);
-    if (mode != kProb) return wj;
-    return prob_coef<acc_t>(target_at(j), wj, eps, inv_c);
+  template <int N>
+  __device__ __forceinline__ Values<acc_t, N> coefs(int64_t j) const {
+    Values<acc_t, N> a;
+    if (w) {
+      a = load_values<N>(w + j, 1);
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) a.x[k] = 1;
+    }
+    if (mode != kProb) return a;
+    const Values<acc_t, N> tj = targets<N>(j);
+#pragma unroll
+    for (int k = 0; k < N; ++k) a.x[k] = prob_coef<acc_t>(tj.x[k], a.x[k], eps, inv_c);
+    return a;
   }
+  __device__ __forceinline__ acc_t coef(int64_t j) const { return coefs<1>(j).x[0]; }
 
   // Read before any thread of the row writes (the in-place phase overwrites z).
   __device__ __forceinline__ acc_t pivot() const {
     return skip || empty ? acc_t(0) : finite_or_zero(tr.value(to_acc(z[0])));
   }
-  __device__ __forceinline__ acc_t v_y() const {
-    return (!skip && tgt.y >= 0) ? tr.value(to_acc(z[tgt.y * step])) : acc_t(0);
-  }
+  __device__ __forceinline__ bool has_y() const { return !skip && tgt.y >= 0; }
+  // z_y as stored (before the transform), 0 without a target column here.
+  __device__ __forceinline__ acc_t z_y() const { return has_y() ? to_acc(z[tgt.y * step]) : acc_t(0); }
+  __device__ __forceinline__ acc_t v_y() const { return has_y() ? tr.value(z_y()) : acc_t(0); }
   __device__ __forceinline__ acc_t fill() const { return tgt.ignored ? acc_t(0) : quiet_nan<acc_t>(); }
 };
 
@@ -414,16 +463,18 @@ __device__ __forceinline__ Partial<typename AccOf<T>::type> row_pass(
     for (int k = 0; k < N; ++k) v[k] = row.tr.value(x.x[k]);
     absorb<STATS>(part, v, j);
     if constexpr (GENERAL) {
+      const Values<acc_t, N> a = row.template coefs<N>(j);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        const acc_t a = row.coef(j + k);
-        part.sa += a;
-        part.saz += a * (v[k] - pivot);
-        if constexpr (STATS) {
-          if (row.mode == kProb) {
-            const acc_t t = row.target_at(j + k);
-            if (beats(t, part.t_max) || part.target_pred < 0) part.t_max = t, part.target_pred = j + k;
-          }
+        part.sa += a.x[k];
+        part.saz += a.x[k] * (v[k] - pivot);
+      }
+      if constexpr (STATS) {
+        if (row.mode == kProb) {
+          const Values<acc_t, N> t = row.template targets<N>(j);
+#pragma unroll
+          for (int k = 0; k < N; ++k)
+            if (beats(t.x[k], part.t_max) || part.target_pred < 0) part.t_max = t.x[k], part.target_pred = j + k;
         }
       }
     }
@@ -460,6 +511,13 @@ __device__ __forceinline__ void write_loss(const CEParams& p, int64_t r, const R
   }
 }
 
+// gA * p_j for z_j, with lse = hi + lo, and dvalue(z_j) in `slope`.
+template <int TR, typename acc_t>
+__device__ __forceinline__ acc_t softmax_grad(const LogitTransform<TR, acc_t>& tr, acc_t z, acc_t hi,
+                                              acc_t lo, acc_t gA, acc_t& slope) {
+  return gA * exp_acc((tr.value_slope(z, slope) - hi) - lo);
+}
+
 // grad = dvalue * (gA p - gk a - [j == y] gy) over the walker's columns
 // (row_math.h), with lse = hi + lo; GENERAL as in row_pass.
 template <bool GENERAL, typename T, int TR, typename Walker>
@@ -472,13 +530,14 @@ __device__ __forceinline__ void grad_pass(const RowContext<T, TR>& row, const Wa
     constexpr int N = std::remove_reference_t<decltype(x)>::size;
     // The target's slot in these N columns, or -1 (one 64-bit test per vector).
     const int ky = static_cast<uint64_t>(y - j) < static_cast<uint64_t>(N) ? static_cast<int>(y - j) : -1;
+    [[maybe_unused]] Values<acc_t, N> a;
+    if constexpr (GENERAL) a = row.template coefs<N>(j);
     Values<acc_t, N> out;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       acc_t slope;
-      const acc_t v = row.tr.value_slope(x.x[k], slope);
-      acc_t d = c.gA * exp_acc((v - hi) - lo);
-      if constexpr (GENERAL) d -= c.gk * row.coef(j + k);
+      acc_t d = softmax_grad(row.tr, x.x[k], hi, lo, c.gA, slope);
+      if constexpr (GENERAL) d -= c.gk * a.x[k];
       if (k == ky) d -= c.gy;  // folded in fp32, before rounding to the output type
       out.x[k] = TR == kIdentity ? d : d * slope;
     }
@@ -528,6 +587,18 @@ __device__ __forceinline__ void load_saved(const CEParams& p, int64_t r, const R
   if (p.lse_grad_scale) lse_grad = *static_cast<const acc_t*>(p.lse_grad_scale) * (hi + lo);
 }
 
+// The in-place forward's counterpart of load_saved, from the row's reduced
+// partial: lse = m + log s (as hi + lo), the gradient's scale and the lse
+// gradient.
+template <typename acc_t>
+__device__ __forceinline__ void inplace_saved(const CEParams& p, const Partial<acc_t>& part, acc_t& hi,
+                                              acc_t& lo, acc_t& scale, acc_t& lse_grad) {
+  hi = part.m;
+  lo = static_cast<acc_t>(log(part.s));
+  scale = *static_cast<const acc_t*>(p.grad_scale);
+  lse_grad = p.lse_grad_scale ? *static_cast<const acc_t*>(p.lse_grad_scale) * (hi + lo) : acc_t(0);
+}
+
 // Everything one row does in one phase, with one walker covering the row.
 template <typename T, int PHASE, int TR, bool STATS, typename Walker>
 __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool active,
@@ -541,12 +612,10 @@ __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool a
     if constexpr (PHASE == kForwardInplace) {
       // The pivot and v_y reads above must land before this group's writes
       // to the same row; a warp's shuffles alone do not order memory.
-      if constexpr (Walker::kSyncsWarp) __syncwarp();
-      const acc_t log_s = static_cast<acc_t>(log(part.s));
-      const acc_t lse_grad =
-          p.lse_grad_scale ? *static_cast<const acc_t*>(p.lse_grad_scale) * (part.m + log_s) : acc_t(0);
-      write_grad(row, walk, part.m, log_s, *static_cast<const acc_t*>(p.grad_scale),
-                 row_sum_a<acc_t>(p, row.mode, part.sa), lse_grad);
+      if constexpr (Walker::syncs_warp()) __syncwarp();
+      acc_t hi, lo, scale, lse_grad;
+      inplace_saved(p, part, hi, lo, scale, lse_grad);
+      write_grad(row, walk, hi, lo, scale, row_sum_a<acc_t>(p, row.mode, part.sa), lse_grad);
     }
   } else {
     acc_t hi, lo, scale, lse_grad, sa = 0;
@@ -566,11 +635,19 @@ __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool a
 constexpr int kRowThreads = 256;
 constexpr int kRowBlocksPerSM = 2;
 
+// In place, a block's row of up to kRowCacheBytes (on H100; see
+// row_cache_bytes) stays in dynamic shared memory between its two passes
+// (`cached`): 2 blocks still fit an SM.
+constexpr int64_t kRowCacheBytes = 112 * 1024;
+
 template <typename T, int G, int PHASE, int TR, bool STATS>
-__global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) rows_kernel(const CEParams p) {
+__global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) rows_kernel(const CEParams p, bool cached) {
   constexpr int kGroups = kRowThreads / G;
+  constexpr bool kCached = PHASE == kForwardInplace && G == kRowThreads;
+  extern __shared__ uint4 row_cache[];
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / G;
-  GroupWalker<T, G> walk{static_cast<int>(threadIdx.x % G), 0, p.classes};
+  GroupWalker<T, G, kCached> walk{static_cast<int>(threadIdx.x % G), 0, p.classes,
+                                  kCached && cached ? row_cache : nullptr};
   process_row<T, PHASE, TR, STATS>(p, r, r < p.rows, walk);
 }
 
@@ -579,6 +656,139 @@ __global__ void __launch_bounds__(256) spatial_kernel(const CEParams p) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= p.rows) return;
   process_row<T, PHASE, TR, STATS>(p, r, true, StridedWalker<T>{p.classes, p.inner});
+}
+
+// Spatial rows, V = 8 / sizeof(T) adjacent ones per thread: consecutive s
+// are adjacent in memory, so column j of the V rows is one 8-byte load (and
+// store), and a 2-byte element no longer pays a 64-bit address of its own.
+// Plain rows only (class-index targets, no smoothing, no statistics), with
+// S, the pointers and the outer strides multiples of V elements (checked by
+// spatial_rows_fit). The vector loops carry no per-row test: after the
+// gradient pass the same thread rewrites each row's target column (its -gy
+// term) and fills its skipped rows (ignored or invalid targets).
+template <typename T>
+constexpr int spatial_rows() {
+  return 8 / static_cast<int>(sizeof(T));
+}
+constexpr int kSpatialCols = 4;  // columns per iteration: 4 loads in flight
+
+template <typename T, int PHASE, int TR>
+__global__ void __launch_bounds__(256) spatial_rows_kernel(const CEParams p) {
+  using acc_t = typename AccOf<T>::type;
+  constexpr int V = spatial_rows<T>(), K = kSpatialCols;
+  using Vec = VecOf<V * sizeof(T)>;
+  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (r0 >= p.rows) return;
+  const int64_t C = p.classes, S = p.inner;
+  const LogitTransform<TR, acc_t> tr = logit_transform<TR, acc_t>(p);
+  const T* z = static_cast<const T*>(p.logits) + row_offsets(p, r0).logits;
+  acc_t hi[V], lo[V], z_y[V];
+  GradCoefs<acc_t> c[V];
+  // Plain rows have no a_j terms: sum_a = 0.
+  if constexpr (PHASE == kBackward) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const RowContext<T, TR> row(p, r0 + k, true);
+      acc_t scale, lse_grad;
+      load_saved(p, r0 + k, row, hi[k], lo[k], scale, lse_grad);
+      c[k] = grad_coefs(row.tgt, acc_t(0), scale, lse_grad);
+      z_y[k] = row.z_y();
+    }
+  } else {
+    acc_t pivot[V], v_y[V];
+    Partial<acc_t> part[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const RowContext<T, TR> row(p, r0 + k, true);
+      pivot[k] = row.pivot();  // read before any write (in place)
+      z_y[k] = row.z_y();
+      v_y[k] = row.v_y();
+      part[k] = empty_partial<acc_t>();
+    }
+    const T* col = z;
+    int64_t j = 0;
+#pragma unroll 1
+    for (; j + K <= C; j += K) {
+      acc_t v[V][K];
+#pragma unroll
+      for (int i = 0; i < K; ++i, col += S) {
+        const auto x = unpack<T>(*reinterpret_cast<const Vec*>(col));
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k][i] = tr.value(x.x[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < V; ++k) absorb<false>(part[k], v[k], j);
+    }
+    for (; j < C; ++j, col += S) {
+      const auto x = unpack<T>(*reinterpret_cast<const Vec*>(col));
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const acc_t v[1] = {tr.value(x.x[k])};
+        absorb<false>(part[k], v, j);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const RowContext<T, TR> row(p, r0 + k, true);
+      write_loss<false>(p, r0 + k, row, part[k], pivot[k], v_y[k]);  // skipped rows: fill
+      if constexpr (PHASE == kForwardInplace) {
+        acc_t scale, lse_grad;
+        inplace_saved(p, part[k], hi[k], lo[k], scale, lse_grad);
+        c[k] = grad_coefs(row.tgt, acc_t(0), scale, lse_grad);
+      }
+    }
+  }
+  if constexpr (PHASE != kForward) {
+    T* g = static_cast<T*>(p.grad) + row_offsets(p, r0).grad;
+    // grad = dvalue * gA * p_j for every column of the V rows; the loads of
+    // K columns are issued before their stores (in place they may alias).
+    const auto grad_of = [&](const Vec& in) {
+      const auto x = unpack<T>(in);
+      Vec out;
+      T* res = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        acc_t slope;
+        const acc_t d = softmax_grad(tr, x.x[k], hi[k], lo[k], c[k].gA, slope);
+        res[k] = from_acc<T>(TR == kIdentity ? d : d * slope);
+      }
+      return out;
+    };
+    int64_t j = 0;
+#pragma unroll 1
+    for (; j + K <= C; j += K) {
+      Vec in[K];
+#pragma unroll
+      for (int i = 0; i < K; ++i) in[i] = *reinterpret_cast<const Vec*>(z + (j + i) * S);
+#pragma unroll
+      for (int i = 0; i < K; ++i) *reinterpret_cast<Vec*>(g + (j + i) * S) = grad_of(in[i]);
+    }
+    for (; j < C; ++j) *reinterpret_cast<Vec*>(g + j * S) = grad_of(*reinterpret_cast<const Vec*>(z + j * S));
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const RowContext<T, TR> row(p, r0 + k, true);
+      if (row.skip) {
+        const T fill = from_acc<T>(row.fill());
+        for (int64_t i = 0; i < C; ++i) g[k + i * S] = fill;
+      } else if (row.has_y()) {
+        acc_t slope;
+        const acc_t d = softmax_grad(tr, z_y[k], hi[k], lo[k], c[k].gA, slope) - c[k].gy;
+        g[k + row.tgt.y * S] = from_acc<T>(TR == kIdentity ? d : d * slope);
+      }
+    }
+  }
+}
+
+// Whether spatial_rows_kernel applies: plain rows, and vectors of V
+// elements aligned in the logits and the gradient.
+template <typename T>
+bool spatial_rows_fit(const CEParams& p) {
+  constexpr int V = spatial_rows<T>();
+  const auto aligned = [](const void* ptr, int64_t outer_stride) {
+    return reinterpret_cast<uintptr_t>(ptr) % (V * sizeof(T)) == 0 && outer_stride % V == 0;
+  };
+  return p.target_prob == nullptr && p.label_smoothing == 0 && p.inner % V == 0 &&
+         aligned(p.logits, p.logits_outer_stride) && (p.grad == nullptr || aligned(p.grad, p.grad_outer_stride));
 }
 
 // Split rows: few rows of many classes. Block b covers columns
@@ -674,6 +884,18 @@ int sm_count() {
   return count;
 }
 
+// The largest row kept in shared memory on this device: 2 blocks per SM
+// must still fit, with their static memory and the runtime's reserved 1 KB
+// each (2 KB of margin), capped at kRowCacheBytes (H100's value; A100 gets
+// 80 KB, sm_86/89 48 KB).
+int64_t row_cache_bytes() {
+  int device = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  const int64_t fit = per_sm / kRowBlocksPerSM - 2048;
+  return fit < kRowCacheBytes ? fit : kRowCacheBytes;
+}
+
 Split forward_split(const CEParams& p) {
   return fsce::forward_split(p.rows, p.classes, p.inner, p.target_prob != nullptr, sm_count());
 }
@@ -687,11 +909,25 @@ unsigned grid_of(int64_t blocks) { return static_cast<unsigned>(blocks); }
 template <typename T, int PHASE, int TR, bool STATS>
 void launch_rows(const CEParams& p, cudaStream_t stream) {
   if (p.inner > 1) {
+    if constexpr (sizeof(T) <= 4 && !STATS) {
+      if (spatial_rows_fit<T>(p)) {
+        const int64_t threads = p.rows / spatial_rows<T>();
+        spatial_rows_kernel<T, PHASE, TR><<<grid_of((threads + 255) / 256), 256, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
     spatial_kernel<T, PHASE, TR, STATS><<<grid_of((p.rows + 255) / 256), 256, 0, stream>>>(p);
   } else if (p.classes <= 2048) {
-    rows_kernel<T, 32, PHASE, TR, STATS><<<grid_of((p.rows + 7) / 8), kRowThreads, 0, stream>>>(p);
+    rows_kernel<T, 32, PHASE, TR, STATS><<<grid_of((p.rows + 7) / 8), kRowThreads, 0, stream>>>(p, false);
   } else {
-    rows_kernel<T, kRowThreads, PHASE, TR, STATS><<<grid_of(p.rows), kRowThreads, 0, stream>>>(p);
+    const int64_t row_bytes = (p.classes * static_cast<int64_t>(sizeof(T)) + 15) / 16 * 16;
+    const bool cached = PHASE == kForwardInplace && row_bytes <= row_cache_bytes();
+    const int smem = cached ? static_cast<int>(row_bytes) : 0;
+    const auto kernel = rows_kernel<T, kRowThreads, PHASE, TR, STATS>;
+    if (smem > 48 * 1024)  // above the default limit of dynamic shared memory
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid_of(p.rows), kRowThreads, smem, stream>>>(p, cached);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
