@@ -36,9 +36,10 @@ at::Tensor in_block_layout(const at::Tensor& t) {
 }
 
 // The gradient of `logits` (in block layout): for row-padded logits (an
-// outer stride above C * S, e.g. a slice x[:, 3:3 + C] of wider rows) it
-// takes their outer stride, and its storage offset is theirs modulo 16
-// bytes, so that input and gradient rows share their 16-byte alignment (the
+// outer stride above C * S, e.g. a slice x[:, 3:3 + C] of wider rows) its
+// outer stride and storage offset equal theirs modulo 16 bytes (under 16
+// bytes of padding a row), so that input and gradient rows share their
+// 16-byte alignment (the
 // storages themselves are aligned) and the CUDA row kernels keep their
 // vector path; the padding is never written. Other logits (overlapping rows
 // included) get a contiguous gradient at that offset. _ops.py's fake kernel
@@ -46,8 +47,13 @@ at::Tensor in_block_layout(const at::Tensor& t) {
 at::Tensor gradient_like(const at::Tensor& logits) {
   const int64_t n = logits.size(0), inner = logits.dim() == 3 ? logits.size(2) : 1;
   const int64_t block = logits.size(1) * inner;
-  const int64_t outer = n > 1 && block > 0 && logits.stride(0) > block ? logits.stride(0) : block;
-  const int64_t offset = logits.storage_offset() % (16 / logits.element_size());
+  // The padding keeps the row stride's phase modulo 16 bytes, not its length:
+  // a narrow slice of wide rows must not cost a wide gradient.
+  const int64_t phase = 16 / logits.element_size();
+  const int64_t outer = n > 1 && block > 0 && logits.stride(0) > block
+                            ? block + (logits.stride(0) - block) % phase
+                            : block;
+  const int64_t offset = logits.storage_offset() % phase;
   // Whole padded rows, so that n * outer elements from the gradient's start are its own.
   const at::Tensor buffer = at::empty({offset + n * outer}, logits.options());
   if (logits.dim() == 3) return buffer.as_strided(logits.sizes(), {outer, inner, 1}, offset);

@@ -47,13 +47,15 @@ def _blocks_contiguous(x):
 @torch.library.register_fake("fused_softmax_ce::ce_backward")
 def _ce_backward_fake(grad_output, grad_lse, logits, target, weight, lse, *options):
     # binding.cpp's gradient_like, on the logits in block layout (a contiguous
-    # copy when they are not): row-padded logits keep their outer stride, and
-    # the storage offset is theirs modulo 16 bytes.
+    # copy when they are not): for row-padded logits, the outer stride and the
+    # storage offset are theirs modulo 16 bytes.
     n, inner = logits.shape[0], logits.shape[2] if logits.dim() == 3 else 1
     block = logits.shape[1] * inner
     in_place = _blocks_contiguous(logits)
-    outer = logits.stride(0) if in_place and n > 1 and block > 0 and logits.stride(0) > block else block
-    offset = logits.storage_offset() % (16 // logits.element_size()) if in_place else 0
+    phase = 16 // logits.element_size()
+    padded = in_place and n > 1 and block > 0 and logits.stride(0) > block
+    outer = block + (logits.stride(0) - block) % phase if padded else block
+    offset = logits.storage_offset() % phase if in_place else 0
     strides = (outer, inner, 1) if logits.dim() == 3 else (outer, 1)
     return logits.new_empty(offset + n * outer).as_strided(logits.shape, strides, offset)
 

@@ -15,6 +15,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -886,14 +887,28 @@ int sm_count() {
 
 // The largest row kept in shared memory on this device: 2 blocks per SM
 // must still fit, with their static memory and the runtime's reserved 1 KB
-// each (2 KB of margin), capped at kRowCacheBytes (H100's value; A100 gets
-// 80 KB, sm_86/89 48 KB).
+// each (2 KB of margin), and so must one block under the per-block opt-in
+// limit; capped at kRowCacheBytes (H100's value; A100 gets 80 KB, sm_86/89
+// 48 KB).
 int64_t row_cache_bytes() {
-  int device = 0, per_sm = 0;
+  int device = 0, per_sm = 0, per_block = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  const int64_t fit = per_sm / kRowBlocksPerSM - 2048;
-  return fit < kRowCacheBytes ? fit : kRowCacheBytes;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t fit = std::min<int64_t>(per_sm / kRowBlocksPerSM, per_block) - 2048;
+  return std::min(fit, kRowCacheBytes);
+}
+
+// Static and dynamic shared memory above 48 KB together need the opt-in.
+// It is always set to the device's whole row_cache_bytes(), so that
+// launches from several host threads never lower it under each other.
+template <typename Kernel>
+void allow_row_cache(Kernel kernel, int64_t smem) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  if (smem + static_cast<int64_t>(attr.sharedSizeBytes) > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(row_cache_bytes())));
 }
 
 Split forward_split(const CEParams& p) {
@@ -925,8 +940,7 @@ void launch_rows(const CEParams& p, cudaStream_t stream) {
     const bool cached = PHASE == kForwardInplace && row_bytes <= row_cache_bytes();
     const int smem = cached ? static_cast<int>(row_bytes) : 0;
     const auto kernel = rows_kernel<T, kRowThreads, PHASE, TR, STATS>;
-    if (smem > 48 * 1024)  // above the default limit of dynamic shared memory
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    if (cached) allow_row_cache(kernel, smem);
     kernel<<<grid_of(p.rows), kRowThreads, smem, stream>>>(p, cached);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
