@@ -149,9 +149,11 @@ def test_spatial_invalid_target_poisons_its_row(offset, inplace):
 # vectors in shared memory between the two passes; longer ones read the row
 # twice.
 # 300 rows: enough for the row kernels (no split). C = 3001: a scalar head
-# and tail around the vectors.
+# and tail around the vectors. 12288 (fp32) and 24576 (bf16): a 48 KB row,
+# which needs the shared-memory opt-in only with the static memory counted;
+# 57344 / 57345 (bf16): H100's largest cached row, and one past it.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("c", [3001, 32000, 60000])
+@pytest.mark.parametrize("c", [3001, 12288, 24576, 32000, 57344, 57345, 60000])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_inplace_long_rows(dtype, c, weighted):
     x = random_logits((300, c), dtype, "cuda").requires_grad_()
