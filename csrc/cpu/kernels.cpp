@@ -195,6 +195,12 @@ FSCE_VINLINE vfloat coef_vec(Probs<T> t, const float* w, int64_t j, int count, f
   return full ? a : (lane_ids() < count ? a : vfloat{});
 }
 
+// Vectors per chunk of the statistics pass: plain rows take 8, so that the
+// running max's rescale is paid once per 64 values; rows with coefficients
+// take 4, which keeps their loop in registers.
+template <int MODE>
+constexpr int kChunk = MODE == kPlain ? 8 : 4;
+
 template <int NV>
 FSCE_VINLINE vfloat chunk_max(const vfloat (&x)[NV]) {
   vfloat cm = x[0];
@@ -228,7 +234,7 @@ FSCE_VINLINE vfloat absorb_bounded(vfloat& s, vfloat shift, const vfloat (&x)[NV
 }
 
 // Per-lane first argmax at chunk granularity, for the statistics: a lane
-// remembers the first chunk (of up to 4 vectors) whose maximum beat its own;
+// remembers the first chunk (of `vectors` vectors) whose maximum beat its own;
 // first() then finds the element inside that chunk. A compare and two blends
 // per chunk, not per element. (A nan row is resolved by stats_vec.)
 struct ChunkArgmax {
@@ -242,16 +248,17 @@ struct ChunkArgmax {
   }
 
   // The lowest class index holding the row's maximum; value_at(i) recomputes
-  // element i as the pass saw it.
+  // element i as the pass saw it (an always_inline callable, so that it is
+  // compiled for the clone's ISA, FMA contraction included, as the pass was).
   template <typename ValueAt>
-  FSCE_VINLINE int64_t first(int64_t C, ValueAt value_at) const {
+  FSCE_VINLINE int64_t first(int64_t C, int vectors, ValueAt value_at) const {
     const float top = hmax(m);
     int64_t best = -1;
     for (int l = 0; l < kLanes; ++l) {
       if (m[l] != top || base[l] < 0) continue;
       int64_t found = -1;
       float found_v = -std::numeric_limits<float>::infinity();
-      for (int k = 0; k < 4; ++k) {
+      for (int k = 0; k < vectors; ++k) {
         const int64_t i = int64_t(base[l]) + k * kLanes + l;
         if (i >= C) break;
         const float v = value_at(i);
@@ -304,7 +311,8 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, 
   // A bounded row's shift is its cap, for good.
   if (TR == kSoftcap && rc.bounded) st.m = splat(rc.tr.cap);
   int64_t j = 0;
-  for (; j + 4 * kLanes <= C; j += 4 * kLanes) absorb_chunk<T, MODE, TR, 4>(z, t, rc, j, pivot, st, keep);
+  constexpr int NV = kChunk<MODE>;
+  for (; j + NV * kLanes <= C; j += NV * kLanes) absorb_chunk<T, MODE, TR, NV>(z, t, rc, j, pivot, st, keep);
   for (; j + kLanes <= C; j += kLanes) absorb_chunk<T, MODE, TR, 1>(z, t, rc, j, pivot, st, keep);
   if (j < C) {
     const int count = static_cast<int>(C - j);
@@ -331,8 +339,10 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, 
   float S = 0.f;
   for (int l = 0; l < kLanes; ++l)
     if (st.m[l] != -kInf) S += st.s[l] * std::exp(st.m[l] - M);
-  const auto v_at = [&](int64_t i) { return vec_value<TR>(rc.tr, splat(static_cast<float>(z[i])))[0]; };
-  int64_t pred = rc.stats ? st.pred.first(C, v_at) : -1;
+  const auto v_at = [&](int64_t i) FSCE_VINLINE_LAMBDA {
+    return vec_value<TR>(rc.tr, splat(static_cast<float>(z[i])))[0];
+  };
+  int64_t pred = rc.stats ? st.pred.first(C, NV, v_at) : -1;
   if (rc.stats && !(S == S)) {
     // A nan logit skipped the chunk test above: torch.argmax's is the first nan.
     for (int64_t i = 0; i < C; ++i) {
@@ -344,7 +354,9 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, 
     }
   }
   const int64_t target_pred =
-      rc.stats && MODE == kProb ? st.target_pred.first(C, [&](int64_t i) { return static_cast<float>(t.at(i)); }) : -1;
+      rc.stats && MODE == kProb
+          ? st.target_pred.first(C, NV, [&](int64_t i) FSCE_VINLINE_LAMBDA { return static_cast<float>(t.at(i)); })
+          : -1;
   return {M, std::log(S), hsum(st.sa), hsum(st.saz), pred < 0 && C > 0 ? 0 : pred, target_pred};
 }
 
@@ -357,29 +369,49 @@ FSCE_VINLINE float sum_coef_vec(Probs<T> t, const Recipe<float, TR>& rc, int64_t
   return hsum(sa);
 }
 
+// The gradient of kLanes classes from j (`count` of them in the row).
 // kept: the row's values from its first pass (see absorb_chunk), or nullptr.
+// (A function, not a lambda: a lambda's body would not take the ISA clone's
+// target, and vectors would cross an ABI boundary.)
+template <typename T, int MODE, int TR>
+FSCE_VINLINE vfloat grad_at(const T* z, Probs<T> t, const Recipe<float, TR>& rc, float lse_hi, float lse_lo,
+                            GradCoefs<float> c, int64_t y, const float* kept, int64_t j, int count) {
+  const bool full = count == kLanes;
+  vfloat slope, v;
+  if constexpr (TR == kSoftcap) {
+    if (kept) {
+      v = full ? loadv(kept + j) : load_partial(kept + j, count, 0.f);
+      slope = vec_slope_of(rc.tr, v);
+    }
+  }
+  if (TR != kSoftcap || !kept)
+    v = vec_value_slope<TR>(rc.tr, full ? loadv(z + j) : load_partial(z + j, count, 0.f), &slope);
+  vfloat d = c.gA * exp2v(((v - lse_hi) - lse_lo) * kLog2e);
+  if constexpr (MODE != kPlain) d -= c.gk * coef_vec<T, MODE>(t, rc.w, j, count, rc.eps, rc.inv_c);
+  // The target's -coef_y is folded in fp32, before rounding to the output type.
+  // A lane select, not d[y - j], so that d stays in a register.
+  if (static_cast<uint64_t>(y - j) < kLanes) d = lane_ids() == int(y - j) ? d - c.gy : d;
+  if constexpr (TR != kIdentity) d = d * slope;
+  return d;
+}
+
+// Whole vectors go 4 at a time (all loaded before any store, which the
+// in-place mode's out == z allows), then the rest one at a time.
 template <typename T, int MODE, int TR>
 FSCE_VINLINE void grad_vec(const T* z, Probs<T> t, T* out, const Recipe<float, TR>& rc, int64_t C,
                            float lse_hi, float lse_lo, GradCoefs<float> c, int64_t y, const float* kept) {
-  for (int64_t j = 0; j < C; j += kLanes) {
+  constexpr int NV = 4;
+  int64_t j = 0;
+  for (; j + NV * kLanes <= C; j += NV * kLanes) {
+    vfloat d[NV];
+    for (int k = 0; k < NV; ++k)
+      d[k] = grad_at<T, MODE, TR>(z, t, rc, lse_hi, lse_lo, c, y, kept, j + k * kLanes, kLanes);
+    for (int k = 0; k < NV; ++k) storev(out + j + k * kLanes, d[k]);
+  }
+  for (; j < C; j += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, C - j));
-    const bool full = count == kLanes;
-    vfloat slope, v;
-    if constexpr (TR == kSoftcap) {
-      if (kept) {
-        v = full ? loadv(kept + j) : load_partial(kept + j, count, 0.f);
-        slope = vec_slope_of(rc.tr, v);
-      }
-    }
-    if (TR != kSoftcap || !kept)
-      v = vec_value_slope<TR>(rc.tr, full ? loadv(z + j) : load_partial(z + j, count, 0.f), &slope);
-    vfloat d = c.gA * exp2v(((v - lse_hi) - lse_lo) * kLog2e);
-    if constexpr (MODE != kPlain) d -= c.gk * coef_vec<T, MODE>(t, rc.w, j, count, rc.eps, rc.inv_c);
-    // The target's -coef_y is folded in fp32, before rounding to the output type.
-    // A lane select, not d[y - j], so that d stays in a register.
-    if (static_cast<uint64_t>(y - j) < kLanes) d = lane_ids() == int(y - j) ? d - c.gy : d;
-    if constexpr (TR != kIdentity) d = d * slope;
-    if (full)
+    const vfloat d = grad_at<T, MODE, TR>(z, t, rc, lse_hi, lse_lo, c, y, kept, j, count);
+    if (count == kLanes)
       storev(out + j, d);
     else
       store_partial(out + j, d, count);

@@ -13,6 +13,9 @@
 #include <limits>
 
 #define FSCE_VINLINE __attribute__((always_inline)) inline
+// For lambdas whose body must be inlined into (and compiled for) the ISA
+// clone that calls them.
+#define FSCE_VINLINE_LAMBDA __attribute__((always_inline))
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FSCE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
