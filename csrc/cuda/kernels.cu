@@ -900,15 +900,15 @@ int64_t row_cache_bytes() {
 }
 
 // Static and dynamic shared memory above 48 KB together need the opt-in.
-// It is always set to the device's whole row_cache_bytes(), so that
-// launches from several host threads never lower it under each other.
+// It is always set to the device's whole cache size (row_cache_bytes()), so
+// that launches from several host threads never lower it under each other.
 template <typename Kernel>
-void allow_row_cache(Kernel kernel, int64_t smem) {
+void allow_row_cache(Kernel kernel, int64_t smem, int64_t cache_bytes) {
   cudaFuncAttributes attr{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   if (smem + static_cast<int64_t>(attr.sharedSizeBytes) > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(row_cache_bytes())));
+                                        static_cast<int>(cache_bytes)));
 }
 
 Split forward_split(const CEParams& p) {
@@ -937,10 +937,11 @@ void launch_rows(const CEParams& p, cudaStream_t stream) {
     rows_kernel<T, 32, PHASE, TR, STATS><<<grid_of((p.rows + 7) / 8), kRowThreads, 0, stream>>>(p, false);
   } else {
     const int64_t row_bytes = (p.classes * static_cast<int64_t>(sizeof(T)) + 15) / 16 * 16;
-    const bool cached = PHASE == kForwardInplace && row_bytes <= row_cache_bytes();
+    const int64_t cache_bytes = PHASE == kForwardInplace ? row_cache_bytes() : 0;
+    const bool cached = row_bytes <= cache_bytes;
     const int smem = cached ? static_cast<int>(row_bytes) : 0;
     const auto kernel = rows_kernel<T, kRowThreads, PHASE, TR, STATS>;
-    if (cached) allow_row_cache(kernel, smem);
+    if (cached) allow_row_cache(kernel, smem, cache_bytes);
     kernel<<<grid_of(p.rows), kRowThreads, smem, stream>>>(p, cached);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
