@@ -226,15 +226,20 @@ def main():
                 print(f"[{done}/{total}] {dt_name} {n}x{c} {provider:14s} {mode:8s} {ms:9.2f} ms "
                       f"{gbps:7.1f} GB/s  peak {peak:8.1f} MB", file=sys.stderr, flush=True)
         del base, target
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, COLUMNS, rows)
     print_table(rows)
     print(f"\nCSV: {out}")
     from plot import plot
 
     print(f"plot: {plot(out)}")
+
+
+def write_csv(path, columns, rows):
+    """The benchmark rows as a CSV, header first."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def print_table(rows):

@@ -9,7 +9,6 @@ memory is dominated by the N x V logits. Writes a CSV under bench/results/.
     python bench/bench_hf.py --vocab 32000 --seq 512 --reps 5
 """
 import argparse
-import csv
 import datetime
 import pathlib
 import statistics
@@ -18,7 +17,7 @@ import sys
 import torch
 import transformers
 
-from bench import RESULTS, device_name, timed
+from bench import RESULTS, device_name, timed, write_csv
 from memory import PeakMemory
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
@@ -82,10 +81,7 @@ def main():
                              vocab=args.vocab, seq=args.seq, batch=args.batch, hidden=args.hidden,
                              variant=variant, peak_mem_mb=f"{peak:.1f}", median_ms=f"{ms:.1f}"))
             print(f"{dt_name:5s} {variant:30s} peak {peak:9.1f} MiB {ms:9.1f} ms", file=sys.stderr, flush=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, COLUMNS, rows)
     print(f"CSV: {out}")
 
 

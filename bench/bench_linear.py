@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_softmax_ce as fce
-from bench import COLUMNS, DTYPES, RESULTS, PeakMemory, copy_gbps, device_name, timed
+from bench import COLUMNS, DTYPES, RESULTS, PeakMemory, copy_gbps, device_name, timed, write_csv
 
 SHAPES = [(4096, 1024, 32000), (2048, 1024, 128256)]
 PROVIDERS = {
@@ -82,10 +82,7 @@ def measure(provider, n, h, v, dtype_name, device, reps):
 
 def plot_memory(csv_path):
     """Peak memory against V, one line per provider and dtype."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from plot import plt, save_figure
 
     csv_path = pathlib.Path(csv_path)
     rows = list(csv.DictReader(open(csv_path)))
@@ -100,14 +97,7 @@ def plot_memory(csv_path):
                         label=f"{provider} {dtype}")
     ax.set_xlabel("V (classes); N = 4096 at V = 32000, 2048 at V = 128256; H = 1024")
     ax.set_ylabel("peak memory over the inputs (MB), lower is better")
-    first = rows[0]
-    ax.set_title(f"{first['device_name']}\ntorch {first['torch_version']}, {first['date']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = csv_path.with_suffix(".png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return save_figure(fig, ax, rows, csv_path)
 
 
 def main():
@@ -144,10 +134,7 @@ def main():
                                  peak_mem_mb=f"{peak:.1f}", copy_gbps=f"{copy:.1f}", hidden=h))
                 print(f"{dtype_name} {n}x{h}x{v} {provider:21s} {ms:10.1f} ms  peak {peak:8.1f} MB",
                       file=sys.stderr, flush=True)
-                with open(out, "w", newline="") as f:  # rewritten after each row: a partial run keeps its rows
-                    writer = csv.DictWriter(f, fieldnames=LINEAR_COLUMNS)
-                    writer.writeheader()
-                    writer.writerows(rows)
+                write_csv(out, LINEAR_COLUMNS, rows)  # after each row: a partial run keeps its rows
     print(f"CSV: {out}\nplot: {plot_memory(out)}")
 
 

@@ -16,7 +16,6 @@ tensors it contributes) and `sent_bytes` (what a ring algorithm sends:
     python bench/bench_vocab_parallel.py [--rows 2048] [--classes 32768] [--worlds 2 4] [--hidden 256]
 """
 import argparse
-import csv
 import datetime
 import multiprocessing
 import pathlib
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import fused_softmax_ce as fce
-from bench import RESULTS, device_name
+from bench import RESULTS, device_name, write_csv
 
 COLUMNS = ["device_name", "torch_version", "date", "world_size", "dtype", "n_rows", "n_classes", "hidden", "provider",
            "mode", "median_ms", "collectives", "payload_bytes", "sent_bytes"]
@@ -164,10 +163,7 @@ def main():
                              payload_bytes=payload, sent_bytes=sent))
             print(f"world {world} {provider:15s} {mode:8s} {ms:9.2f} ms  {collectives} collectives, "
                   f"payload {payload} B, sent {sent} B per rank", file=sys.stderr, flush=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, COLUMNS, rows)
     print(f"CSV: {out}")
 
 

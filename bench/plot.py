@@ -23,11 +23,17 @@ def plot(csv_path, mode="fwd+bwd"):
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
     ax.set_xticklabels([f"{d}\n{n}x{c}" for d, n, c in groups])
     ax.set_ylabel(f"{mode} median time (ms), lower is better")
+    return save_figure(fig, ax, rows, csv_path)
+
+
+def save_figure(fig, ax, rows, csv_path):
+    """Titles the plot with the CSV's device, torch version and date, and
+    saves it beside the CSV as a PNG; returns the PNG's path."""
     first = rows[0] if rows else {"device_name": "?", "torch_version": "?", "date": "?"}
     ax.set_title(f"{first['device_name']}\ntorch {first['torch_version']}, {first['date']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png = csv_path.with_suffix(".png")
+    png = pathlib.Path(csv_path).with_suffix(".png")
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
