@@ -34,6 +34,36 @@ def random_targets(n_classes, shape, device, ignore_index=None, ignore_every=4):
     return t
 
 
+def random_probs(shape, dtype, device):
+    """Fresh probability targets over dim 1, drawn in float64, rounded to dtype."""
+    return torch.rand(shape, dtype=torch.float64, device=device).softmax(1).to(dtype)
+
+
+def random_target(shape, dtype, device, prob, ignore_index=None, ignore_every=4):
+    """A target for logits of `shape`: probabilities (random_probs) or class indices."""
+    if prob:
+        return random_probs(shape, dtype, device)
+    return random_targets(shape[1], (shape[0],) + tuple(shape[2:]), device, ignore_index=ignore_index,
+                          ignore_every=ignore_every)
+
+
+def compare_with_eager(loss_fn, compiled, x, *args):
+    """Runs loss_fn and its compiled version on fresh leaves copied from x;
+    checks their loss (the first output when they return a tuple) and the
+    gradient of x in float32; returns (eager output, compiled output)."""
+    x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, got = loss_fn(x_eager, *args), compiled(x_comp, *args)
+
+    def loss(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    loss(expected).backward()
+    loss(got).backward()  # through the compiled graph's autograd
+    assert_close(loss(got), loss(expected), torch.float32)
+    assert_close(x_comp.grad, x_eager.grad, torch.float32)
+    return expected, got
+
+
 def reference(logits, target, weight=None, **kwargs):
     """PyTorch's cross_entropy in float64 on the same values."""
     target64 = target.double() if target.is_floating_point() else target

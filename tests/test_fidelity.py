@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 import fused_softmax_ce as fce
-from conftest import DEVICES, assert_close, device_param, random_logits, random_targets
+from conftest import (DEVICES, assert_close, compare_with_eager, device_param, random_logits, random_probs,
+                      random_target, random_targets)
 
 ops = torch.ops.fused_softmax_ce
 
@@ -26,11 +27,7 @@ def problem(device, shape=(5, 7), weighted=False, label_smoothing=0.0, ignore=Fa
     """Fresh logits, target and keyword arguments for one option set."""
     c = shape[1]
     logits = random_logits(shape, dtype, device)
-    if prob:
-        target = torch.rand(shape, dtype=torch.float64, device=device).softmax(1).to(dtype)
-    else:
-        target = random_targets(c, (shape[0],) + tuple(shape[2:]), device,
-                                ignore_index=-100 if ignore else None, ignore_every=3)
+    target = random_target(shape, dtype, device, prob, ignore_index=-100 if ignore else None, ignore_every=3)
     kwargs = dict(label_smoothing=label_smoothing)
     if weighted:
         kwargs["weight"] = (torch.rand(c, dtype=torch.float64, device=device) + 0.1).to(dtype)
@@ -278,13 +275,7 @@ def test_compile_fullgraph_probability_targets(device, weighted):
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     x = random_logits((5, 9), torch.float32, device)
-    t = torch.rand(5, 9, device=device).softmax(1)
-    x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
-    expected, got = loss_fn(x_eager, t), compiled(x_comp, t)
-    expected.backward()
-    got.backward()
-    assert_close(got, expected, torch.float32)
-    assert_close(x_comp.grad, x_eager.grad, torch.float32)
+    compare_with_eager(loss_fn, compiled, x, random_probs((5, 9), torch.float32, device))
 
 
 # ------------------------------------------------------------------ edges

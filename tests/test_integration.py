@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_softmax_ce as fce
-from conftest import assert_close, device_param, random_logits, random_targets
+from conftest import assert_close, compare_with_eager, device_param, random_logits, random_targets
 
 ops = torch.ops.fused_softmax_ce
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,12 +46,7 @@ def test_compile_fullgraph_dynamic(device):
         x = random_logits((n, c), torch.float32, device)
         y = random_targets(c, (n,), device, ignore_index=-100)
         w = torch.rand(c, device=device) + 0.1
-        x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
-        expected, got = loss_fn(x_eager, y, w), compiled(x_comp, y, w)
-        expected.backward()
-        got.backward()  # through the compiled graph's autograd
-        assert_close(got, expected, torch.float32)
-        assert_close(x_comp.grad, x_eager.grad, torch.float32)
+        compare_with_eager(loss_fn, compiled, x, y, w)
 
 
 @device_param()
@@ -64,12 +59,7 @@ def test_compile_fullgraph_inplace(device):
     compiled = torch.compile(loss_fn, fullgraph=True)
     x = random_logits((8, 33), torch.float32, device)
     y = random_targets(33, (8,), device)
-    x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
-    expected, got = loss_fn(x_eager, y), compiled(x_comp, y)
-    expected.backward()
-    got.backward()
-    assert_close(got, expected, torch.float32)
-    assert_close(x_comp.grad, x_eager.grad, torch.float32)
+    compare_with_eager(loss_fn, compiled, x, y)
 
 
 @device_param()

@@ -8,6 +8,7 @@ from conftest import (
     assert_close,
     device_param,
     random_logits,
+    random_probs,
     random_targets,
     reference,
 )
@@ -71,7 +72,7 @@ def test_odd_sizes(device, dtype, shape):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_probability_targets(device, dtype, reduction, weighted, label_smoothing, shape, inplace):
     logits = random_logits(shape, dtype, device)
-    target = torch.rand(shape, device=device, dtype=torch.float64).softmax(1).to(dtype)
+    target = random_probs(shape, dtype, device)
     weight = (torch.rand(shape[1], device=device) + 0.1).to(dtype) if weighted else None
     check(logits, target, dtype, weight=weight, inplace=inplace, reduction=reduction,
           label_smoothing=label_smoothing)
