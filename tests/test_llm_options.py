@@ -119,6 +119,43 @@ def test_softcap_saturated_rows(device, dtype, softcap, inplace):
     assert_close(leaf.grad, x_ref.grad, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("softcap", [30.0, 60.0])
+@pytest.mark.parametrize("case", ["index-stats", "prob-weighted-smooth"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_softcap_table_gives_the_bits_of_row_by_row(dtype, softcap, case, inplace):
+    # On the CPU a launch of at least 2**18 16-bit logits looks the softcap's
+    # tanh up in a table of all 65536 bit patterns; one row alone is below
+    # that size. Both must give the same bits, and match the reference.
+    prob = case.startswith("prob")
+    logits, target, weight = problem("cpu", dtype, (9, 30001), prob, "weighted" in case, False)
+    kwargs = dict(weight=weight, reduction="none", softcap=softcap, return_stats=True,
+                  label_smoothing=0.1 if "smooth" in case else 0.0)
+    grad = torch.rand(9, dtype=torch.float32) + 0.5
+
+    def run(rows):
+        leaf = logits[rows].detach().clone().requires_grad_()
+        out = fce.cross_entropy(leaf * 1 if inplace else leaf, target[rows], inplace_backward=inplace, **kwargs)
+        out.loss.backward(grad[rows])
+        return out, leaf.grad
+
+    whole, whole_grad = run(slice(None))
+    hits = 0.0
+    for r in range(9):
+        row, row_grad = run(slice(r, r + 1))
+        assert torch.equal(row.loss, whole.loss[r:r + 1]) and torch.equal(row.lse, whole.lse[r:r + 1])
+        assert torch.equal(row_grad, whole_grad[r:r + 1])
+        hits += row.accuracy.item()
+    assert hits / 9 == pytest.approx(whole.accuracy.item())
+    x_ref = logits.detach().double().requires_grad_()
+    loss_ref, _, lse_ref, acc_ref = reference(x_ref, target, **{k: v for k, v in kwargs.items() if k != "return_stats"})
+    assert_close(whole.loss, loss_ref, dtype)
+    assert_close(whole.lse, lse_ref, dtype)
+    torch.testing.assert_close(whole.accuracy.double(), acc_ref, atol=1e-6, rtol=0)
+    loss_ref.backward(grad.double())
+    assert_close(whole_grad, x_ref.grad, dtype)
+
+
 @device_param()
 @pytest.mark.parametrize("options", LLM, ids=ids)
 @pytest.mark.parametrize("prob", [False, True])

@@ -75,14 +75,16 @@ FSCE_VINLINE Row<T> row_at(const CEParams& p, int64_t r) {
 }
 
 // What every row of a launch shares: the class weights, eps, 1/C, the
-// transform, whether the argmax statistics are wanted, and whether the
-// values are bounded (see absorb_bounded).
+// transform, whether the argmax statistics are wanted, whether the values are
+// bounded (see absorb_bounded), and the softcap's tanh table or nullptr (see
+// fill_tanh_table).
 template <typename acc_t, int TR>
 struct Recipe {
   const acc_t* w;
   acc_t eps, inv_c;
   LogitTransform<TR, acc_t> tr;
   bool stats, bounded;
+  const float* tanh_table;
 };
 
 // Softcapped values lie in [-cap, cap]; for cap <= 43, exp(v - cap) >=
@@ -90,10 +92,10 @@ struct Recipe {
 constexpr double kMaxBoundedCap = 43.0;
 
 template <typename acc_t, int TR>
-FSCE_VINLINE Recipe<acc_t, TR> recipe_of(const CEParams& p) {
+FSCE_VINLINE Recipe<acc_t, TR> recipe_of(const CEParams& p, const float* tanh_table) {
   return {static_cast<const acc_t*>(p.weight), static_cast<acc_t>(p.label_smoothing),
           acc_t(1) / static_cast<acc_t>(p.total_classes), logit_transform<TR, acc_t>(p),
-          p.pred != nullptr, TR == kSoftcap && p.softcap <= kMaxBoundedCap};
+          p.pred != nullptr, TR == kSoftcap && p.softcap <= kMaxBoundedCap, tanh_table};
 }
 
 // ---------------------------------------------------------------- scalar path
@@ -159,6 +161,16 @@ FSCE_VINLINE void grad_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, in
 
 FSCE_VINLINE vint lane_ids() { return vint{0, 1, 2, 3, 4, 5, 6, 7}; }
 
+// The softcap's tanh(scale * z / cap), and v = cap * t with its slope.
+FSCE_VINLINE vfloat softcap_tanh(const LogitTransform<kSoftcap, float>& tr, vfloat z) {
+  return tanhv(z * (tr.scale * tr.inv_cap));
+}
+
+FSCE_VINLINE vfloat softcap_of_tanh(const LogitTransform<kSoftcap, float>& tr, vfloat t, vfloat* slope) {
+  if (slope) *slope = tr.scale * (1.f - t * t);
+  return tr.cap * t;
+}
+
 // The logit transform on a vector.
 template <int TR>
 FSCE_VINLINE vfloat vec_value_slope(const LogitTransform<TR, float>& tr, vfloat z, vfloat* slope) {
@@ -168,9 +180,7 @@ FSCE_VINLINE vfloat vec_value_slope(const LogitTransform<TR, float>& tr, vfloat 
     if (slope) *slope = splat(tr.scale);
     return z * tr.scale;
   } else {
-    const vfloat t = tanhv(z * (tr.scale * tr.inv_cap));
-    if (slope) *slope = tr.scale * (1.f - t * t);
-    return tr.cap * t;
+    return softcap_of_tanh(tr, softcap_tanh(tr, z), slope);
   }
 }
 
@@ -181,9 +191,39 @@ FSCE_VINLINE vfloat vec_slope_of(const LogitTransform<kSoftcap, float>& tr, vflo
   return tr.scale * (1.f - t * t);
 }
 
-template <int TR>
-FSCE_VINLINE vfloat vec_value(const LogitTransform<TR, float>& tr, vfloat z) {
-  return vec_value_slope<TR>(tr, z, nullptr);
+// For 16-bit logits the softcap's tanh depends on 16 bits only, so a launch
+// with many elements computes it once per bit pattern (65536 floats), with
+// the same vector code as the rows (so results do not depend on the table),
+// and the rows look it up: the tanh cost as much as the rest of a pass.
+constexpr int64_t kTanhTableSize = 65536;
+
+template <typename T>
+FSCE_VINLINE void fill_tanh_table(const CEParams& p, float* table) {
+  const LogitTransform<kSoftcap, float> tr = logit_transform<kSoftcap, float>(p);
+  for (int64_t b = 0; b < kTanhTableSize; b += kLanes) {
+    T z[kLanes];
+    for (int l = 0; l < kLanes; ++l) z[l] = T(static_cast<uint16_t>(b + l), T::from_bits());
+    storev(table + b, softcap_tanh(tr, loadv(z)));
+  }
+}
+
+// The values (and slopes) of kLanes logits from z, `count` of them in the
+// row (the rest read as 0).
+template <typename T, int TR>
+FSCE_VINLINE vfloat load_value_slope(const Recipe<float, TR>& rc, const T* z, int count, vfloat* slope) {
+  if constexpr (TR == kSoftcap && sizeof(T) == 2) {
+    if (rc.tanh_table) {
+      vfloat t;
+      for (int l = 0; l < kLanes; ++l) t[l] = rc.tanh_table[l < count ? z[l].x : 0];
+      return softcap_of_tanh(rc.tr, t, slope);
+    }
+  }
+  return vec_value_slope<TR>(rc.tr, count == kLanes ? loadv(z) : load_partial(z, count, 0.f), slope);
+}
+
+template <typename T, int TR>
+FSCE_VINLINE vfloat load_value(const Recipe<float, TR>& rc, const T* z, int count = kLanes) {
+  return load_value_slope<T, TR>(rc, z, count, nullptr);
 }
 
 // a_j for kLanes classes starting at j; lanes at or past `count` are 0.
@@ -282,7 +322,7 @@ template <typename T, int MODE, int TR, int NV>
 FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const Recipe<float, TR>& rc, int64_t j,
                                float pivot, LaneState& st, float* keep) {
   vfloat x[NV];
-  for (int k = 0; k < NV; ++k) x[k] = vec_value<TR>(rc.tr, loadv(z + j + k * kLanes));
+  for (int k = 0; k < NV; ++k) x[k] = load_value<T, TR>(rc, z + j + k * kLanes);
   if (keep)
     for (int k = 0; k < NV; ++k) storev(keep + j + k * kLanes, x[k]);
   const vfloat cm = TR == kSoftcap && rc.bounded ? absorb_bounded<NV>(st.s, st.m, x) : absorb<NV>(st.m, st.s, x);
@@ -318,7 +358,7 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, 
     const int count = static_cast<int>(C - j);
     const vint in_row = lane_ids() < count;
     // Padding lanes become -inf after the transform (softcap maps -inf to -cap).
-    const vfloat x[1] = {in_row ? vec_value<TR>(rc.tr, load_partial(z + j, count, 0.f)) : splat(-kInf)};
+    const vfloat x[1] = {in_row ? load_value<T, TR>(rc, z + j, count) : splat(-kInf)};
     if (keep) store_partial(keep + j, x[0], count);
     if (TR == kSoftcap && rc.bounded)
       absorb_bounded<1>(st.s, st.m, x, count);
@@ -340,7 +380,7 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, 
   for (int l = 0; l < kLanes; ++l)
     if (st.m[l] != -kInf) S += st.s[l] * std::exp(st.m[l] - M);
   const auto v_at = [&](int64_t i) FSCE_VINLINE_LAMBDA {
-    return vec_value<TR>(rc.tr, splat(static_cast<float>(z[i])))[0];
+    return load_value<T, TR>(rc, z + i, 1)[0];
   };
   int64_t pred = rc.stats ? st.pred.first(C, NV, v_at) : -1;
   if (rc.stats && !(S == S)) {
@@ -385,7 +425,7 @@ FSCE_VINLINE vfloat grad_at(const T* z, Probs<T> t, const Recipe<float, TR>& rc,
     }
   }
   if (TR != kSoftcap || !kept)
-    v = vec_value_slope<TR>(rc.tr, full ? loadv(z + j) : load_partial(z + j, count, 0.f), &slope);
+    v = load_value_slope<T, TR>(rc, z + j, count, &slope);
   vfloat d = c.gA * exp2v(((v - lse_hi) - lse_lo) * kLog2e);
   if constexpr (MODE != kPlain) d -= c.gk * coef_vec<T, MODE>(t, rc.w, j, count, rc.eps, rc.inv_c);
   // The target's -coef_y is folded in fp32, before rounding to the output type.
@@ -467,10 +507,11 @@ FSCE_VINLINE acc_t quiet_nan() {
 }
 
 template <typename T, int TR>
-FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bool write_grad) {
+FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bool write_grad,
+                               const float* tanh_table) {
   using acc_t = typename AccOf<T>::type;
   const int64_t C = p.classes;
-  const Recipe<acc_t, TR> rc = recipe_of<acc_t, TR>(p);
+  const Recipe<acc_t, TR> rc = recipe_of<acc_t, TR>(p, tanh_table);
   const acc_t scale = write_grad ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(0);
   const acc_t lse_scale = write_grad && p.lse_grad_scale ? *static_cast<const acc_t*>(p.lse_grad_scale) : acc_t(0);
   auto* loss = static_cast<acc_t*>(p.loss);
@@ -510,10 +551,10 @@ FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bo
 }
 
 template <typename T, int TR>
-FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end) {
+FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end, const float* tanh_table) {
   using acc_t = typename AccOf<T>::type;
   const int64_t C = p.classes;
-  const Recipe<acc_t, TR> rc = recipe_of<acc_t, TR>(p);
+  const Recipe<acc_t, TR> rc = recipe_of<acc_t, TR>(p, tanh_table);
   const auto* lse = static_cast<const double*>(p.lse);
   const auto* grad_output = static_cast<const acc_t*>(p.grad_output);
   const auto* grad_lse = static_cast<const acc_t*>(p.grad_lse);
@@ -536,20 +577,21 @@ FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end) {
 
 // One instantiation per transform; the transform is fixed for a launch.
 template <typename T>
-FSCE_VINLINE void forward_any(const CEParams& p, int64_t begin, int64_t end, bool write_grad) {
+FSCE_VINLINE void forward_any(const CEParams& p, int64_t begin, int64_t end, bool write_grad,
+                              const float* tanh_table) {
   switch (transform_of(p)) {
-    case kIdentity: return forward_rows<T, kIdentity>(p, begin, end, write_grad);
-    case kScale: return forward_rows<T, kScale>(p, begin, end, write_grad);
-    default: return forward_rows<T, kSoftcap>(p, begin, end, write_grad);
+    case kIdentity: return forward_rows<T, kIdentity>(p, begin, end, write_grad, nullptr);
+    case kScale: return forward_rows<T, kScale>(p, begin, end, write_grad, nullptr);
+    default: return forward_rows<T, kSoftcap>(p, begin, end, write_grad, tanh_table);
   }
 }
 
 template <typename T>
-FSCE_VINLINE void backward_any(const CEParams& p, int64_t begin, int64_t end) {
+FSCE_VINLINE void backward_any(const CEParams& p, int64_t begin, int64_t end, const float* tanh_table) {
   switch (transform_of(p)) {
-    case kIdentity: return backward_rows<T, kIdentity>(p, begin, end);
-    case kScale: return backward_rows<T, kScale>(p, begin, end);
-    default: return backward_rows<T, kSoftcap>(p, begin, end);
+    case kIdentity: return backward_rows<T, kIdentity>(p, begin, end, nullptr);
+    case kScale: return backward_rows<T, kScale>(p, begin, end, nullptr);
+    default: return backward_rows<T, kSoftcap>(p, begin, end, tanh_table);
   }
 }
 
@@ -557,12 +599,12 @@ FSCE_VINLINE void backward_any(const CEParams& p, int64_t begin, int64_t end) {
 
 // One entry point per dtype and ISA clone; everything below it is inlined so
 // that each clone is compiled for its own instruction set.
-#define FSCE_CPU_ENTRIES(T, suffix)                                                       \
-  FSCE_CPU_CLONES void forward_##suffix(const CEParams& p, int64_t b, int64_t e, bool wg) { \
-    forward_any<T>(p, b, e, wg);                                                             \
-  }                                                                                       \
-  FSCE_CPU_CLONES void backward_##suffix(const CEParams& p, int64_t b, int64_t e) {         \
-    backward_any<T>(p, b, e);                                                                \
+#define FSCE_CPU_ENTRIES(T, suffix)                                                                     \
+  FSCE_CPU_CLONES void forward_##suffix(const CEParams& p, int64_t b, int64_t e, bool wg, const float* tt) { \
+    forward_any<T>(p, b, e, wg, tt);                                                                       \
+  }                                                                                                     \
+  FSCE_CPU_CLONES void backward_##suffix(const CEParams& p, int64_t b, int64_t e, const float* tt) {         \
+    backward_any<T>(p, b, e, tt);                                                                          \
   }
 
 FSCE_CPU_ENTRIES(float, f32)
@@ -570,6 +612,9 @@ FSCE_CPU_ENTRIES(c10::BFloat16, bf16)
 FSCE_CPU_ENTRIES(c10::Half, f16)
 FSCE_CPU_ENTRIES(double, f64)
 #undef FSCE_CPU_ENTRIES
+
+FSCE_CPU_CLONES void tanh_table_bf16(const CEParams& p, float* table) { fill_tanh_table<c10::BFloat16>(p, table); }
+FSCE_CPU_CLONES void tanh_table_f16(const CEParams& p, float* table) { fill_tanh_table<c10::Half>(p, table); }
 
 namespace {
 
@@ -593,6 +638,22 @@ void advise_huge_pages(void* data, int64_t bytes) {
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #endif
+}
+
+// The softcap's tanh table (see fill_tanh_table) for a launch of 16-bit
+// contiguous rows with at least kTanhTableMinElements logits, or nullptr:
+// filling it costs about what the tanh of 65536 logits would.
+constexpr int64_t kTanhTableMinElements = 4 * kTanhTableSize;
+
+std::unique_ptr<float[]> tanh_table(const CEParams& p) {
+  const bool half = p.dtype == DType::BFloat16 || p.dtype == DType::Float16;
+  if (!half || !(p.softcap > 0) || p.inner != 1 || p.rows * p.classes < kTanhTableMinElements) return nullptr;
+  std::unique_ptr<float[]> table(new float[kTanhTableSize]);
+  if (p.dtype == DType::BFloat16)
+    tanh_table_bf16(p, table.get());
+  else
+    tanh_table_f16(p, table.get());
+  return table;
 }
 
 template <typename F32, typename BF16, typename F16, typename F64>
@@ -624,19 +685,23 @@ void scale_rows_typed(const CEParams& p) {
 }  // namespace
 
 void forward(const CEParams& p, bool write_grad) {
+  const std::unique_ptr<float[]> table = tanh_table(p);
+  const float* tt = table.get();
   at::parallel_for(0, p.rows, row_grain(p), [&](int64_t b, int64_t e) {
     by_dtype(
-        p.dtype, [&] { forward_f32(p, b, e, write_grad); }, [&] { forward_bf16(p, b, e, write_grad); },
-        [&] { forward_f16(p, b, e, write_grad); }, [&] { forward_f64(p, b, e, write_grad); });
+        p.dtype, [&] { forward_f32(p, b, e, write_grad, tt); }, [&] { forward_bf16(p, b, e, write_grad, tt); },
+        [&] { forward_f16(p, b, e, write_grad, tt); }, [&] { forward_f64(p, b, e, write_grad, tt); });
   });
 }
 
 void backward(const CEParams& p) {
   advise_huge_pages(p.grad, p.outer * p.grad_outer_stride * element_size(p.dtype));
+  const std::unique_ptr<float[]> table = tanh_table(p);
+  const float* tt = table.get();
   at::parallel_for(0, p.rows, row_grain(p), [&](int64_t b, int64_t e) {
     by_dtype(
-        p.dtype, [&] { backward_f32(p, b, e); }, [&] { backward_bf16(p, b, e); },
-        [&] { backward_f16(p, b, e); }, [&] { backward_f64(p, b, e); });
+        p.dtype, [&] { backward_f32(p, b, e, tt); }, [&] { backward_bf16(p, b, e, tt); },
+        [&] { backward_f16(p, b, e, tt); }, [&] { backward_f64(p, b, e, tt); });
   });
 }
 
