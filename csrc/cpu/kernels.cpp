@@ -161,13 +161,17 @@ FSCE_VINLINE void grad_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, in
 
 FSCE_VINLINE vint lane_ids() { return vint{0, 1, 2, 3, 4, 5, 6, 7}; }
 
-// The softcap's tanh(scale * z / cap), and v = cap * t with its slope.
+// The softcap's t = tanh(scale * z / cap); v = cap * t, dv/dz = scale * (1 - t^2).
 FSCE_VINLINE vfloat softcap_tanh(const LogitTransform<kSoftcap, float>& tr, vfloat z) {
   return tanhv(z * (tr.scale * tr.inv_cap));
 }
 
+FSCE_VINLINE vfloat softcap_slope(const LogitTransform<kSoftcap, float>& tr, vfloat t) {
+  return tr.scale * (1.f - t * t);
+}
+
 FSCE_VINLINE vfloat softcap_of_tanh(const LogitTransform<kSoftcap, float>& tr, vfloat t, vfloat* slope) {
-  if (slope) *slope = tr.scale * (1.f - t * t);
+  if (slope) *slope = softcap_slope(tr, t);
   return tr.cap * t;
 }
 
@@ -184,12 +188,6 @@ FSCE_VINLINE vfloat vec_value_slope(const LogitTransform<TR, float>& tr, vfloat 
   }
 }
 
-// The softcap's slope from a value v = cap * tanh(u) that the row's first
-// pass kept: scale * (1 - (v / cap)^2).
-FSCE_VINLINE vfloat vec_slope_of(const LogitTransform<kSoftcap, float>& tr, vfloat v) {
-  const vfloat t = v * tr.inv_cap;
-  return tr.scale * (1.f - t * t);
-}
 
 // For 16-bit logits the softcap's tanh depends on 16 bits only, so a launch
 // with many elements computes it once per bit pattern (65536 floats), with
@@ -317,6 +315,14 @@ struct LaneState {
   ChunkArgmax pred, target_pred;
 };
 
+// Folds x into the lane state: with the cap as a fixed shift for a bounded
+// softcapped row, else with the running max. Returns the chunk's max.
+template <int NV, int TR>
+FSCE_VINLINE vfloat absorb_values(const Recipe<float, TR>& rc, LaneState& st, const vfloat (&x)[NV],
+                                  int count = kLanes) {
+  return TR == kSoftcap && rc.bounded ? absorb_bounded<NV>(st.s, st.m, x, count) : absorb<NV>(st.m, st.s, x);
+}
+
 // keep: where to store the values for the row's second pass, or nullptr.
 template <typename T, int MODE, int TR, int NV>
 FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const Recipe<float, TR>& rc, int64_t j,
@@ -325,7 +331,7 @@ FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const Recipe<float, TR>& 
   for (int k = 0; k < NV; ++k) x[k] = load_value<T, TR>(rc, z + j + k * kLanes);
   if (keep)
     for (int k = 0; k < NV; ++k) storev(keep + j + k * kLanes, x[k]);
-  const vfloat cm = TR == kSoftcap && rc.bounded ? absorb_bounded<NV>(st.s, st.m, x) : absorb<NV>(st.m, st.s, x);
+  const vfloat cm = absorb_values<NV, TR>(rc, st, x);
   if constexpr (MODE != kPlain) {
     for (int k = 0; k < NV; ++k) {
       const vfloat a = coef_vec<T, MODE>(t, rc.w, j + k * kLanes, kLanes, rc.eps, rc.inv_c);
@@ -360,10 +366,7 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, 
     // Padding lanes become -inf after the transform (softcap maps -inf to -cap).
     const vfloat x[1] = {in_row ? load_value<T, TR>(rc, z + j, count) : splat(-kInf)};
     if (keep) store_partial(keep + j, x[0], count);
-    if (TR == kSoftcap && rc.bounded)
-      absorb_bounded<1>(st.s, st.m, x, count);
-    else
-      absorb<1>(st.m, st.s, x);
+    absorb_values<1, TR>(rc, st, x, count);
     if constexpr (MODE != kPlain) {
       const vfloat a = coef_vec<T, MODE>(t, rc.w, j, count, rc.eps, rc.inv_c);
       const vfloat xa = in_row ? x[0] : splat(pivot);
@@ -421,7 +424,7 @@ FSCE_VINLINE vfloat grad_at(const T* z, Probs<T> t, const Recipe<float, TR>& rc,
   if constexpr (TR == kSoftcap) {
     if (kept) {
       v = full ? loadv(kept + j) : load_partial(kept + j, count, 0.f);
-      slope = vec_slope_of(rc.tr, v);
+      slope = softcap_slope(rc.tr, v * rc.tr.inv_cap);  // v = cap * t, kept by the first pass
     }
   }
   if (TR != kSoftcap || !kept)
@@ -647,7 +650,7 @@ constexpr int64_t kTanhTableMinElements = 4 * kTanhTableSize;
 
 std::unique_ptr<float[]> tanh_table(const CEParams& p) {
   const bool half = p.dtype == DType::BFloat16 || p.dtype == DType::Float16;
-  if (!half || !(p.softcap > 0) || p.inner != 1 || p.rows * p.classes < kTanhTableMinElements) return nullptr;
+  if (!half || transform_of(p) != kSoftcap || p.inner != 1 || p.rows * p.classes < kTanhTableMinElements) return nullptr;
   std::unique_ptr<float[]> table(new float[kTanhTableSize]);
   if (p.dtype == DType::BFloat16)
     tanh_table_bf16(p, table.get());
