@@ -20,6 +20,18 @@ def z_loss_rows(lse, valid, z_loss_scale, acc):
     return z if valid is None else z * valid
 
 
+def grad_scales(reduction, denominator, z_loss_scale, z_denominator, acc, device):
+    """The factors that the in-place gradients fold in, in the accumulation
+    dtype before rounding: the loss's (1/denominator for the mean, else 1),
+    and the z-loss's per unit lse (2 * z_loss_scale, over z_denominator for
+    the mean), or None without a z-loss."""
+    one = torch.ones((), dtype=acc, device=device)
+    mean = reduction == "mean"
+    grad_scale = one / denominator if mean else one
+    lse_grad_scale = 2 * z_loss_scale * (one / z_denominator if mean else one) if z_loss_scale else None
+    return grad_scale, lse_grad_scale
+
+
 def reduce_rows(rows, reduction, denominator):
     if reduction == "none":
         return rows

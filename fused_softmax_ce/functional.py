@@ -9,7 +9,7 @@ from ._checks import check_common, check_llm_options, check_index_target, check_
 from ._derivatives import acc_dtype
 from ._inplace import inplace_cross_entropy
 from ._ops import cross_entropy_rows
-from ._reduction import mean_denominator, reduce_rows, z_loss_rows
+from ._reduction import grad_scales, mean_denominator, reduce_rows, z_loss_rows
 
 
 class CrossEntropyStats(NamedTuple):
@@ -108,12 +108,8 @@ def cross_entropy(
         z_loss = torch.zeros_like(loss)
     elif inplace_backward and torch.is_grad_enabled() and input.requires_grad:
         check_inplace(input)
-        one = torch.ones((), dtype=acc, device=input.device)
-        # 1/denominator is folded into the gradient in fp32 before rounding.
-        grad_scale = one / denominator if reduction == "mean" else one
-        lse_grad_scale = None
-        if z_loss_scale:
-            lse_grad_scale = 2 * z_loss_scale * (one / z_denominator if reduction == "mean" else one)
+        grad_scale, lse_grad_scale = grad_scales(reduction, denominator, z_loss_scale, z_denominator, acc,
+                                                 input.device)
         loss, z_loss, lse, pred, target_pred = inplace_cross_entropy(
             x3, t, weight, grad_scale, lse_grad_scale, options, return_stats, reduction,
             denominator, z_loss_scale, valid, z_denominator)
@@ -128,8 +124,8 @@ def cross_entropy(
         else:
             z_loss = torch.zeros_like(loss)
 
-    return finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats,
-                  (pred == (target_pred if prob else t)) if return_stats else None, valid, count)
+    return finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, pred, target_pred, t,
+                  valid, count)
 
 
 def resolve_target(input, target, weight, ignore_index, autocast, rows_view):
@@ -163,15 +159,19 @@ def resolve_target(input, target, weight, ignore_index, autocast, rows_view):
     return t, out_dtype, loss_shape, valid
 
 
-def finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, hits, valid, count):
+def finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, pred, target_pred, t, valid,
+           count):
     """The loss in its output dtype and shape, or the CrossEntropyStats with
-    accuracy = hits over the rows not ignored (`count` of them)."""
+    the accuracy of pred over the rows not ignored (`count` of them): against
+    the index target t, or for probability targets (valid None) against
+    their argmax target_pred."""
     if reduction == "none":
         loss, z_loss = loss.reshape(loss_shape), z_loss.reshape(loss_shape)
     loss = loss.to(out_dtype)
     if not return_stats:
         return loss
     with torch.no_grad():
+        hits = pred == (target_pred if valid is None else t)
         if valid is not None:
             hits = hits & valid
         accuracy = (hits.sum().to(torch.float32) / count).to(torch.float32)

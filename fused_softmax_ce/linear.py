@@ -18,8 +18,8 @@ from torch.nn import _reduction as _Reduction
 from ._checks import (check_class_weight_shape, check_index_weight_dtype, check_label_smoothing,
                       check_llm_options, dtype_name)
 from ._ops import acc_dtype, ops
-from ._reduction import mean_denominator
-from .functional import CrossEntropyStats
+from ._reduction import grad_scales, mean_denominator
+from .functional import finish
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -40,13 +40,19 @@ def default_chunk_size(n_rows, hidden, n_classes):
     return max(1, min(n_rows, 1 << max(rows - 1, 0).bit_length()))
 
 
+def _cast(dtype, *tensors):
+    """The tensors in dtype; None stays None."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def _chunk_loss(logits, target, weight, grad_scale, lse_grad_scale, options, stats, write_grad):
     """(loss, lse, pred) per row of one chunk of logits.
 
     With ``write_grad`` the logits are overwritten by grad_scale * dloss/dlogits
-    (+ lse_grad_scale * lse * softmax, the z-loss). The one place that calls
-    the cross-entropy kernels; options = (ignore_index, label_smoothing,
-    logit_scale, softcap).
+    (+ lse_grad_scale * lse * softmax, the z-loss). The single-process
+    path's one call of the cross-entropy kernels (the vocab-parallel path,
+    vocab_parallel_linear.py, calls them with its shard); options =
+    (ignore_index, label_smoothing, logit_scale, softcap).
     """
     if write_grad:
         out = ops.ce_forward_inplace(logits, target, weight, grad_scale, *options, lse_grad_scale, stats)
@@ -164,9 +170,7 @@ def _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scal
     acc = acc_dtype(cdt)
     write_grad = need_input_grad or need_weight_grad or need_bias_grad
 
-    w = linear_weight.to(cdt)
-    b = None if linear_bias is None else linear_bias.to(cdt)
-    cw = None if weight is None else weight.to(cdt)
+    w, b, cw = _cast(cdt, linear_weight, linear_bias, weight)
     loss = torch.empty(n, dtype=acc, device=device)
     lse = torch.empty(n, dtype=torch.float64, device=device)
     pred = torch.empty(n if stats else 0, dtype=torch.long, device=device)
@@ -422,30 +426,20 @@ def linear_cross_entropy(
             x, linear_weight, t, linear_bias, weight, reduction, ignore_index, label_smoothing, logit_scale,
             softcap, z_loss_scale, return_stats, chunk_size, grad_acc_dtype, valid, count, process_group)
     else:
-        scale = torch.ones((), dtype=acc, device=x.device)
-        if reduction == "mean":
-            # 1/denominator is folded into the gradients in the accumulation dtype.
-            scale = scale / mean_denominator(t, weight, ignore_index, v, acc)
-        lse_grad_scale = None
-        if z_loss_scale:
-            lse_grad_scale = 2 * z_loss_scale * (1 / count if reduction == "mean" else torch.ones_like(count))
+        denominator = mean_denominator(t, weight, ignore_index, v, acc) if reduction == "mean" else None
+        scale, lse_grad_scale = grad_scales(reduction, denominator, z_loss_scale, count, acc, x.device)
         need = [grad_on and reduction != "none" and p is not None and p.requires_grad
                 for p in (x, linear_weight, linear_bias)]
         loss, _, _, _, z_loss, lse, pred = _linear_ce(
             x, linear_weight, t, linear_bias, weight, scale, None, reduction, ignore_index,
             float(label_smoothing), float(logit_scale), float(softcap or 0.0), lse_grad_scale,
             bool(return_stats), int(chunk_size), grad_acc_dtype, *need)
-    if reduction == "none":
-        loss, z_loss = loss.reshape(loss_shape), z_loss.reshape(loss_shape)
-    loss = loss.to(out_dtype)
-    if not return_stats:
-        return loss
-    accuracy = (((pred == t) & valid).sum().to(torch.float32) / count).to(torch.float32)
+    out = finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, pred, None, t, valid, count)
     differentiable = grad_on and any(p is not None and p.requires_grad for p in (x, linear_weight, linear_bias))
-    z_loss, lse = z_loss.to(out_dtype), lse.to(torch.float32).reshape(loss_shape)
-    if differentiable:
-        z_loss, lse = _StatisticOnly.apply(z_loss.requires_grad_()), _StatisticOnly.apply(lse.requires_grad_())
-    return CrossEntropyStats(loss, z_loss, lse, accuracy)
+    if return_stats and differentiable:
+        out = out._replace(z_loss=_StatisticOnly.apply(out.z_loss.requires_grad_()),
+                           lse=_StatisticOnly.apply(out.lse.requires_grad_()))
+    return out
 
 
 class LinearCrossEntropyLoss(nn.Module):

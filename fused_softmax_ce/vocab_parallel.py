@@ -40,7 +40,7 @@ from ._checks import check_common, check_inplace, check_llm_options
 from ._derivatives import acc_dtype
 from ._inplace import scale_saved_grad_once
 from ._ops import ops
-from ._reduction import reduce_rows, z_loss_rows
+from ._reduction import grad_scales, reduce_rows, z_loss_rows
 
 _SHARDS = {}  # (group, local classes) -> (class_offset, total_classes, sizes of all ranks)
 
@@ -173,6 +173,17 @@ def combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, optio
     return loss, lse, A_rest, pred, target_pred, w_y_sum
 
 
+def shard_grad_lse(g, A_rest, lse, lse_grad, acc):
+    """The backward kernel's grad_lse for a shard: the other shards' part of
+    g A, so that the kernel's gradient coefficient is the whole row's, plus
+    the z-loss's lse_grad * lse (lse_grad per unit lse, or None; the lse is 0
+    on ignored rows)."""
+    h = g.double() * A_rest
+    if lse_grad is not None:
+        h = h + lse_grad * lse
+    return h.to(acc)
+
+
 def _refuse_create_graph():
     # The gradient is computed by the kernel, not by differentiable ops: a
     # second-order term through it would silently be zero.
@@ -237,11 +248,7 @@ class InplaceVocabParallelFn(torch.autograd.Function):
         loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum)
         acc = acc_dtype(x3.dtype)
         g = grad_scale.to(acc).expand(lse.shape)
-        h = g.double() * A_rest
-        if lse_grad_scale is not None:
-            valid = 1.0 if target.is_floating_point() else (target != options[0]).double()
-            h = h + lse_grad_scale * lse * valid
-        h = h.to(acc)
+        h = shard_grad_lse(g, A_rest, lse, lse_grad_scale, acc)
         inner = x3.shape[2] if x3.dim() == 3 else 1
         step = max(1, INPLACE_CHUNK // (x3.shape[1] * inner))
         for i in range(0, x3.shape[0], step):
@@ -269,14 +276,13 @@ def reducer(reduction, weight, valid, count, z_loss_scale, acc):
     def reduce(loss_rows, lse, w_y_sum):
         mean = reduction == "mean"
         den = (count if valid is None or weight is None else w_y_sum.to(acc)) if mean else None
+        z_den = count if mean else None
         loss = reduce_rows(loss_rows, reduction, den)
-        one = torch.ones((), dtype=acc, device=loss.device)
-        grad_scale = one / den if mean else one
+        grad_scale, lse_grad_scale = grad_scales(reduction, den, z_loss_scale, z_den, acc, loss.device)
         if not z_loss_scale:
             return loss, torch.zeros_like(loss), grad_scale, None
-        z_den = count if mean else None
         z_loss = reduce_rows(z_loss_rows(lse, valid, z_loss_scale, acc), reduction, z_den)
-        return loss + z_loss, z_loss, grad_scale, 2 * z_loss_scale * (one / z_den if mean else one)
+        return loss + z_loss, z_loss, grad_scale, lse_grad_scale
     return reduce
 
 
@@ -299,7 +305,6 @@ def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
     n, n_classes, spatial = input.shape[0], input.shape[1], tuple(input.shape[2:])
     rows_view = _is_rows_view(input)
     x3 = _layout(input, rows_view)
-    prob = target.shape == input.shape
     t, out_dtype, loss_shape, valid = resolve_target(input, target, weight, ignore_index, autocast, rows_view)
     inplace = inplace_backward and torch.is_grad_enabled() and input.requires_grad
     if inplace:
@@ -317,5 +322,5 @@ def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
         loss_rows, lse, pred, target_pred, w_y_sum = VocabParallelFn.apply(
             x3, t, weight, options, return_stats, group, offset, total)
         loss, z_loss = reduce(loss_rows, lse, w_y_sum)[:2]
-    return finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats,
-                  (pred == (target_pred if prob else t)) if return_stats else None, valid, count)
+    return finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, pred, target_pred, t,
+                  valid, count)

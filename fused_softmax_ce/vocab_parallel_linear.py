@@ -29,8 +29,9 @@ call per (group, shard size).
 import torch
 
 from ._ops import acc_dtype, ops
-from .linear import Grads, _compute_dtype, chunks
-from .vocab_parallel import _group, _refuse_create_graph, combine_shards, reducer, shard_of, stat_columns
+from .linear import Grads, _cast, _compute_dtype, chunks
+from .vocab_parallel import (_group, _refuse_create_graph, combine_shards, reducer, shard_grad_lse, shard_of,
+                             stat_columns)
 
 
 class VocabParallelLinearFn(torch.autograd.Function):
@@ -41,7 +42,7 @@ class VocabParallelLinearFn(torch.autograd.Function):
                 grad_acc_dtype, group, offset, total, reduce):
         n, device = input.shape[0], input.device
         cdt = _compute_dtype(input.dtype, device)
-        w, b, cw = (None if t is None else t.to(cdt) for t in (linear_weight, linear_bias, weight))
+        w, b, cw = _cast(cdt, linear_weight, linear_bias, weight)
         loss_k = torch.empty(n, dtype=acc_dtype(cdt), device=device)
         lse_k = torch.empty(n, dtype=torch.float64, device=device)
         cols = torch.empty(2 if stats else 0, n, dtype=torch.float64, device=device)
@@ -81,13 +82,8 @@ class VocabParallelLinearFn(torch.autograd.Function):
         acc = acc_dtype(cdt)
         go = grad_loss.to(acc)  # a scalar, or per row for reduction 'none'
         g = (go * grad_scale).expand(lse.shape).contiguous()
-        # The other shards' part of g A, so that the kernel's gradient
-        # coefficient is the whole row's; plus the z-loss's d/d lse.
-        h = g.double() * A_rest
-        if lse_grad_scale is not None:
-            h = h + go.double() * lse_grad_scale * lse * (target != options[0])
-        h = h.to(acc)
-        w, b, cw = (None if t is None else t.to(cdt) for t in (linear_weight, linear_bias, weight))
+        h = shard_grad_lse(g, A_rest, lse, None if lse_grad_scale is None else go.double() * lse_grad_scale, acc)
+        w, b, cw = _cast(cdt, linear_weight, linear_bias, weight)
         grads = Grads(input, linear_weight, linear_bias, cdt, chunk_size, grad_acc_dtype, *needs)
         with torch.autocast(input.device.type, enabled=False):
             for start, stop, x, logits in chunks(input, w, b, cdt, chunk_size):
