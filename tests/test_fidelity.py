@@ -47,7 +47,7 @@ def ids(options):
 def test_autocast_matches_pytorch(device, dtype, reduction, prob):
     logits = random_logits((6, 37), dtype, device)
     if prob:
-        target = torch.rand(6, 37, device=device).softmax(1)
+        target = random_probs((6, 37), torch.float32, device)
     else:
         target = random_targets(37, (6,), device, ignore_index=-100)
     weight = torch.rand(37, device=device) + 0.1  # float32, as autocast users have it
@@ -295,7 +295,7 @@ def test_edge_parity(device):
         assert torch.isnan(fce.cross_entropy(x, target, **kwargs))
         assert torch.isnan(F.cross_entropy(x, target, **kwargs))
     # A float64 weight with float32 logits and probability targets promotes.
-    t = torch.rand(3, 4, device=device).softmax(1)
+    t = random_probs((3, 4), torch.float32, device)
     w64 = torch.rand(4, dtype=torch.float64, device=device)
     out, expected = fce.cross_entropy(x, t, weight=w64), F.cross_entropy(x, t, weight=w64)
     assert out.dtype == expected.dtype == torch.float64

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_softmax_ce as fce
-from conftest import assert_close, compare_with_eager, device_param, random_logits, random_targets
+from conftest import assert_close, compare_with_eager, device_param, random_logits, random_probs, random_targets
 
 ops = torch.ops.fused_softmax_ce
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ def test_opcheck(device):
     x = random_logits((6, 11), torch.float32, device)
     y = random_targets(11, (6,), device, ignore_index=-100)
     w = torch.rand(11, device=device) + 0.1
-    probs = torch.rand(6, 11, device=device).softmax(1)
+    probs = random_probs((6, 11), torch.float32, device)
     for target, weight in [(y, None), (y, w), (probs, w)]:
         torch.library.opcheck(ops.ce_forward, (x.clone().requires_grad_(), target, weight, -100, 0.1))
         loss, lse, _, _ = ops.ce_forward(x, target, weight, -100, 0.1)

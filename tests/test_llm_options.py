@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import fused_softmax_ce as fce
-from conftest import (DTYPES, assert_close, compare_with_eager, device_param, random_logits, random_target,
-                      random_targets)
+from conftest import (DTYPES, assert_close, compare_with_eager, device_param, random_logits, random_probs,
+                      random_target, random_targets)
 
 ops = torch.ops.fused_softmax_ce
 REDUCTIONS = ["mean", "sum", "none"]
@@ -224,12 +224,13 @@ def test_argmax_ties_take_the_first_index(device):
 def test_argmax_ties_in_long_rows(device, dtype, softcap):
     # Ties in other lanes, chunks and vectors of the SIMD pass, before and after the first one.
     logits = random_logits((6, 300), dtype, device)
-    for row, positions in enumerate([(7, 100), (70, 3), (64, 65), (0, 299), (150, 151, 16), (255, 256)]):
+    ties = [(7, 100), (70, 3), (64, 65), (0, 299), (150, 151, 16), (255, 256)]
+    for row, positions in enumerate(ties):
         for pos in positions:
             logits[row, pos] = 50.0
     _, _, pred, _ = ops.ce_forward(logits, torch.zeros(6, dtype=torch.long, device=device), None, -100, 0.0,
                                    1.0, softcap or 0.0, True)
-    assert pred.tolist() == [min(p) for p in [(7, 100), (70, 3), (64, 65), (0, 299), (150, 151, 16), (255, 256)]]
+    assert pred.tolist() == [min(p) for p in ties]
 
 
 @device_param()
@@ -279,7 +280,7 @@ def test_second_order_with_transform_raises_clearly():
 def test_opcheck_with_options(device):
     x = random_logits((6, 11), torch.float32, device)
     y = random_targets(11, (6,), device, ignore_index=-100)
-    probs = torch.rand(6, 11, device=device).softmax(1)
+    probs = random_probs((6, 11), torch.float32, device)
     w = torch.rand(11, device=device) + 0.1
     for target in (y, probs):
         args = (target, w, -100, 0.1, 1.5, 4.0)

@@ -174,12 +174,12 @@ def check_linear_case(kw, dtype, sizes, rank, group, seed):
         torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
                                    msg=lambda m: f"linear {kw} {dtype} {sizes} rank {rank}: {what}: {m}")
 
-    fields = ("loss", "z_loss", "lse", "accuracy") if kw.get("return_stats") else ()
-    for field in fields:
+    stats = kw.get("return_stats")
+    for field in ("z_loss", "lse", "accuracy") if stats else ():
         close(getattr(out, field), getattr(ref, field), field)
-    loss = out.loss if fields else out
-    close(loss, ref.loss if fields else ref, "loss")
-    assert loss.dtype == dtype and loss.shape == (ref.loss if fields else ref).shape
+    loss, ref_loss = (out.loss, ref.loss) if stats else (out, ref)
+    close(loss, ref_loss, "loss")
+    assert loss.dtype == dtype and loss.shape == ref_loss.shape
     assert grads.keys() == ref_grads.keys() and all(g.dtype == dtype for g in grads.values())
     if "input" in grads:
         # The input's gradient is this rank's term: the ranks' terms add up to it.
