@@ -123,9 +123,12 @@ KERNELS = {
 
 # The most dynamic shared memory a kernel is launched with (its arguments a
 # as in KERNELS), counted in its resident blocks: the in-place 256-thread
-# rows keep a row of up to kRowCacheBytes there between their two passes.
-ROW_CACHE_BYTES = 112 * 1024
-DYNAMIC_SMEM = {"rows_kernel": lambda a: ROW_CACHE_BYTES if a[1] == 256 and a[2] == 1 else 0}
+# rows keep a row of up to kRowCacheBytes (read from SOURCE) there between
+# their two passes.
+ROW_CACHE_BYTES = math.prod(int(f) for f in re.search(
+    r"kRowCacheBytes = ([\d\s*]+);", (ROOT / SOURCE).read_text()).group(1).split("*"))
+DYNAMIC_SMEM = {
+    "rows_kernel": lambda a: ROW_CACHE_BYTES if a[1] == 256 and PHASES[a[2]] == "forward_inplace" else 0}
 
 # Budgets in SASS instructions per element (bf16/fp16) and the passes summed.
 BUDGETS = {"forward": (16, ("read",)), "backward": (12, ("write",)), "forward_inplace": (24, ("read", "write"))}

@@ -937,7 +937,8 @@ void launch_rows(const CEParams& p, cudaStream_t stream) {
     rows_kernel<T, 32, PHASE, TR, STATS><<<grid_of((p.rows + 7) / 8), kRowThreads, 0, stream>>>(p, false);
   } else {
     const int64_t row_bytes = (p.classes * static_cast<int64_t>(sizeof(T)) + 15) / 16 * 16;
-    const int64_t cache_bytes = PHASE == kForwardInplace ? row_cache_bytes() : 0;
+    // A row over the largest cache of any device skips the device queries.
+    const int64_t cache_bytes = PHASE == kForwardInplace && row_bytes <= kRowCacheBytes ? row_cache_bytes() : 0;
     const bool cached = row_bytes <= cache_bytes;
     const int smem = cached ? static_cast<int>(row_bytes) : 0;
     const auto kernel = rows_kernel<T, kRowThreads, PHASE, TR, STATS>;
