@@ -16,7 +16,7 @@ endif
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 STAMP := build/.installed
 
-.PHONY: test bench bench-full bench-linear bench-vocab-parallel sass setup clean
+.PHONY: test bench bench-full bench-linear bench-vocab-parallel sass setup clean emu mutate
 
 setup: $(STAMP)
 
@@ -33,7 +33,7 @@ $(STAMP): build/.deps $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
-test: $(STAMP)
+test: $(STAMP) emu
 	$(PY) -m pytest -q -rs tests
 
 bench: $(STAMP)
@@ -53,6 +53,42 @@ bench-vocab-parallel: $(STAMP)
 # SASS_ARGS=--check fails on a spill inside a hot loop.
 sass: build/.deps
 	$(PY) bench/sass_report.py $(SASS_ARGS)
+
+# The CUDA kernels compiled as host C++ over the CPU emulation
+# (tools/cuda_emu), in three builds: plain, ASan+UBSan, TSan. The tests
+# (tests/test_cuda_emulated.py) run them; EMU_CSRC builds another copy of
+# csrc/ (the mutation check does).
+EMU_CSRC ?= csrc
+EMU_OUT ?= build/emu
+EMU_VARIANTS ?= plain asan tsan
+EMU_CXX ?= g++
+EMU_COMMON := -std=c++17 -g -fno-strict-aliasing -pthread -Wall -Wno-unknown-pragmas -Itools/cuda_emu/include
+EMU_FLAGS_plain := -O2
+EMU_FLAGS_asan := -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+EMU_FLAGS_tsan := -O1 -fsanitize=thread
+EMU_TOOL := $(wildcard tools/cuda_emu/*.h tools/cuda_emu/include/*.h tools/cuda_emu/include/c10/cuda/*.h)
+EMU_KERNEL_SOURCES := $(wildcard $(EMU_CSRC)/cuda/*.cu $(EMU_CSRC)/cuda/*.h $(EMU_CSRC)/*.h)
+
+emu: $(foreach v,$(EMU_VARIANTS),$(EMU_OUT)/$(v)/driver)
+
+# Kept between builds: a change to the driver alone does not recompile the kernels.
+.SECONDARY:
+
+$(EMU_OUT)/%/kernels.o: $(EMU_KERNEL_SOURCES) $(EMU_TOOL)
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(EMU_COMMON) $(EMU_FLAGS_$*) -x c++ -c $(EMU_CSRC)/cuda/kernels.cu -o $@
+
+$(EMU_OUT)/%/driver.o: tools/cuda_emu/driver.cpp csrc/cuda/kernels.h csrc/params.h $(EMU_TOOL)
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(EMU_COMMON) $(EMU_FLAGS_$*) -c $< -o $@
+
+$(EMU_OUT)/%/driver: $(EMU_OUT)/%/kernels.o $(EMU_OUT)/%/driver.o
+	$(EMU_CXX) $(EMU_FLAGS_$*) -pthread $^ -o $@
+
+# Injects typical GPU bugs into copies of kernels.cu and checks that the
+# emulated tests catch each one (minutes per bug; not part of CI).
+mutate: $(STAMP)
+	$(PY) tools/cuda_emu/mutate.py
 
 clean:
 	rm -rf build *.egg-info fused_softmax_ce/_C*.so

@@ -16,12 +16,14 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
 #include "../launch_plan.h"
 #include "../row_math.h"
 #include "kernels.h"
+#include "launch.h"
 
 namespace fsce::cuda {
 namespace {
@@ -47,9 +49,13 @@ __device__ __forceinline__ T from_acc(A v) {
 // ex2.approx.ftz: exp2f without its fix-up for denormal results (below
 // 1.2e-38, which a softmax term may round to 0); the same 2-ulp accuracy.
 __device__ __forceinline__ float exp_acc(float x) {
+#if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * kLog2e));
   return y;
+#else  // the CPU emulation (tools/cuda_emu)
+  return exp2f(x * kLog2e);
+#endif
 }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 
@@ -645,7 +651,7 @@ template <typename T, int G, int PHASE, int TR, bool STATS>
 __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) rows_kernel(const CEParams p, bool cached) {
   constexpr int kGroups = kRowThreads / G;
   constexpr bool kCached = PHASE == kForwardInplace && G == kRowThreads;
-  extern __shared__ uint4 row_cache[];
+  FSCE_DYNAMIC_SHARED(uint4, row_cache);
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / G;
   GroupWalker<T, G, kCached> walk{static_cast<int>(threadIdx.x % G), 0, p.classes,
                                   kCached && cached ? row_cache : nullptr};
@@ -875,14 +881,39 @@ __global__ void __launch_bounds__(kScaleThreads) scale_kernel(const CEParams p) 
   }
 }
 
+// Device values are cached per device, since one process may drive GPUs of
+// different kinds; 0 means not yet known (every cached value is > 0).
+constexpr int kMaxDevices = 64;
+using DeviceCache = std::atomic<int64_t>[kMaxDevices];
+
+int current_device() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+template <typename F>
+int64_t per_device(DeviceCache& cache, int device, F&& compute) {
+  if (device >= kMaxDevices) return compute();
+  int64_t v = cache[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    v = compute();
+    cache[device].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+int device_attribute(cudaDeviceAttr attr, int device) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
+  return v;
+}
+
 int sm_count() {
-  static const int count = [] {
-    int device = 0, n = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    return n;
-  }();
-  return count;
+  static DeviceCache counts;
+  const int device = current_device();
+  return static_cast<int>(
+      per_device(counts, device, [&] { return device_attribute(cudaDevAttrMultiProcessorCount, device); }));
 }
 
 // The largest row kept in shared memory on this device: 2 blocks per SM
@@ -891,24 +922,36 @@ int sm_count() {
 // limit; capped at kRowCacheBytes (H100's value; A100 gets 80 KB, sm_86/89
 // 48 KB).
 int64_t row_cache_bytes() {
-  int device = 0, per_sm = 0, per_block = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const int64_t fit = std::min<int64_t>(per_sm / kRowBlocksPerSM, per_block) - 2048;
-  return std::min(fit, kRowCacheBytes);
+  static DeviceCache bytes;
+  const int device = current_device();
+  return per_device(bytes, device, [&] {
+    const int64_t per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+    const int64_t per_block = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    const int64_t fit = std::min<int64_t>(per_sm / kRowBlocksPerSM, per_block) - 2048;
+    return std::min(fit, kRowCacheBytes);
+  });
 }
 
 // Static and dynamic shared memory above 48 KB together need the opt-in.
 // It is always set to the device's whole cache size (row_cache_bytes()), so
-// that launches from several host threads never lower it under each other.
-template <typename Kernel>
-void allow_row_cache(Kernel kernel, int64_t smem, int64_t cache_bytes) {
-  cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  if (smem + static_cast<int64_t>(attr.sharedSizeBytes) > 48 * 1024)
+// that launches from several host threads never lower it under each other;
+// the kernel's static size is queried, and the opt-in set, once per device.
+template <typename T, int PHASE, int TR, bool STATS>
+void allow_row_cache(int64_t smem, int64_t cache_bytes) {
+  const auto kernel = rows_kernel<T, kRowThreads, PHASE, TR, STATS>;
+  static DeviceCache static_smem, opted_in;  // static_smem holds sharedSizeBytes + 1
+  const int device = current_device();
+  const int64_t fixed = per_device(static_smem, device, [&] {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    return static_cast<int64_t>(attr.sharedSizeBytes) + 1;
+  }) - 1;
+  if (smem + fixed <= 48 * 1024) return;
+  per_device(opted_in, device, [&] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(cache_bytes)));
+    return int64_t(1);
+  });
 }
 
 Split forward_split(const CEParams& p) {
@@ -927,30 +970,29 @@ void launch_rows(const CEParams& p, cudaStream_t stream) {
     if constexpr (sizeof(T) <= 4 && !STATS) {
       if (spatial_rows_fit<T>(p)) {
         const int64_t threads = p.rows / spatial_rows<T>();
-        spatial_rows_kernel<T, PHASE, TR><<<grid_of((threads + 255) / 256), 256, 0, stream>>>(p);
+        FSCE_LAUNCH((spatial_rows_kernel<T, PHASE, TR>), grid_of((threads + 255) / 256), 256, 0, stream)(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
     }
-    spatial_kernel<T, PHASE, TR, STATS><<<grid_of((p.rows + 255) / 256), 256, 0, stream>>>(p);
+    FSCE_LAUNCH((spatial_kernel<T, PHASE, TR, STATS>), grid_of((p.rows + 255) / 256), 256, 0, stream)(p);
   } else if (p.classes <= 2048) {
-    rows_kernel<T, 32, PHASE, TR, STATS><<<grid_of((p.rows + 7) / 8), kRowThreads, 0, stream>>>(p, false);
+    FSCE_LAUNCH((rows_kernel<T, 32, PHASE, TR, STATS>), grid_of((p.rows + 7) / 8), kRowThreads, 0, stream)(p, false);
   } else {
     const int64_t row_bytes = (p.classes * static_cast<int64_t>(sizeof(T)) + 15) / 16 * 16;
     // A row over the largest cache of any device skips the device queries.
     const int64_t cache_bytes = PHASE == kForwardInplace && row_bytes <= kRowCacheBytes ? row_cache_bytes() : 0;
     const bool cached = row_bytes <= cache_bytes;
     const int smem = cached ? static_cast<int>(row_bytes) : 0;
-    const auto kernel = rows_kernel<T, kRowThreads, PHASE, TR, STATS>;
-    if (cached) allow_row_cache(kernel, smem, cache_bytes);
-    kernel<<<grid_of(p.rows), kRowThreads, smem, stream>>>(p, cached);
+    if (cached) allow_row_cache<T, PHASE, TR, STATS>(smem, cache_bytes);
+    FSCE_LAUNCH((rows_kernel<T, kRowThreads, PHASE, TR, STATS>), grid_of(p.rows), kRowThreads, smem, stream)(p, cached);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int TR>
 void launch_split_grad(const CEParams& p, Split split, cudaStream_t stream) {
-  split_grad_kernel<T, TR><<<grid_of(p.rows * split.splits), kSplitThreads, 0, stream>>>(
+  FSCE_LAUNCH((split_grad_kernel<T, TR>), grid_of(p.rows * split.splits), kSplitThreads, 0, stream)(
       p, split.splits, split.chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -965,10 +1007,10 @@ void launch_forward_rows(const CEParams& p, bool write_grad, cudaStream_t stream
       launch_rows<T, kForward, TR, STATS>(p, stream);
     return;
   }
-  split_stats_kernel<T, TR, STATS><<<grid_of(p.rows * split.splits), kSplitThreads, 0, stream>>>(
+  FSCE_LAUNCH((split_stats_kernel<T, TR, STATS>), grid_of(p.rows * split.splits), kSplitThreads, 0, stream)(
       p, split.splits, split.chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  split_finish_kernel<T, TR, STATS><<<grid_of((p.rows + 255) / 256), 256, 0, stream>>>(p, split.splits);
+  FSCE_LAUNCH((split_finish_kernel<T, TR, STATS>), grid_of((p.rows + 255) / 256), 256, 0, stream)(p, split.splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (write_grad) {
     // In place: the gradient pass reads the logits a second time (and the
@@ -1050,11 +1092,11 @@ void scale_rows(const CEParams& p, cudaStream_t stream) {
   by_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (G == 1)
-      scale_kernel<T, 1><<<blocks, kScaleThreads, 0, stream>>>(p);
+      FSCE_LAUNCH((scale_kernel<T, 1>), blocks, kScaleThreads, 0, stream)(p);
     else if (G == 32)
-      scale_kernel<T, 32><<<blocks, kScaleThreads, 0, stream>>>(p);
+      FSCE_LAUNCH((scale_kernel<T, 32>), blocks, kScaleThreads, 0, stream)(p);
     else
-      scale_kernel<T, kScaleThreads><<<blocks, kScaleThreads, 0, stream>>>(p);
+      FSCE_LAUNCH((scale_kernel<T, kScaleThreads>), blocks, kScaleThreads, 0, stream)(p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
