@@ -60,6 +60,18 @@ at::Tensor gradient_like(const at::Tensor& logits) {
   return buffer.as_strided(logits.sizes(), {outer, 1}, offset);
 }
 
+// Rows that share memory without sharing elements (a stride between rows
+// under a row's length, as x.unfold(0, 8, 4) makes): ATen's overlap check
+// answers "too hard" for them, and writing one row would change another's
+// logits (on a GPU, also a race). `t` is in block layout.
+void check_rows_disjoint(const at::Tensor& t, const char* what) {
+  const int64_t block = t.size(1) * (t.dim() == 3 ? t.size(2) : 1);
+  TORCH_CHECK(t.size(0) <= 1 || block == 0 || t.stride(0) >= block, "fused_softmax_ce: ", what,
+              " rows overlap in memory (shape ", t.sizes(), ", strides ", t.strides(),
+              "): a row's elements would be overwritten while another row still reads them; pass a tensor "
+              "whose rows do not overlap (e.g. .contiguous())");
+}
+
 struct Prepared {
   CEParams p{};
   // Tensors the params point into, kept alive through the launch.
@@ -232,6 +244,7 @@ ForwardOutputs run_forward_inplace(const Kernels& k, const at::Tensor& logits,
               "class (and spatial) dimensions must be contiguous; got shape ",
               logits.sizes(), " with strides ", logits.strides());
   at::assert_no_internal_overlap(logits);
+  check_rows_disjoint(logits, "inplace_backward writes the gradient into the logits, but their");
   Prepared pr = prepare(logits, target, weight, o);
   check_device_scalar(grad_scale, logits, "grad_scale");
   const at::Tensor scale = grad_scale.contiguous();
@@ -253,6 +266,7 @@ void run_scale_grad(const Kernels& k, const at::Tensor& grad, const at::Tensor& 
               "shape ",
               grad.sizes(), " with strides ", grad.strides());
   at::assert_no_internal_overlap(grad);
+  check_rows_disjoint(grad, "scale_grad_ scales grad in place, but its");
   CEParams p{};
   p.dtype = dtype_of(grad);
   p.outer = grad.size(0);

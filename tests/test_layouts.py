@@ -66,6 +66,26 @@ def test_overlapping_rows_get_a_contiguous_gradient(device):
     assert_close(x0.grad, x_ref.grad, torch.float32)
 
 
+@device_param()
+@pytest.mark.parametrize("make", ["unfold", "as_strided"])
+def test_inplace_refuses_partly_overlapping_rows(device, make):
+    """Rows that share memory but no element: ATen's overlap check cannot
+    tell, and writing one row's gradient would change the next row's logits."""
+    flat = random_logits((40,), torch.float32, device).requires_grad_()
+    base = flat * 1
+    x = base.unfold(0, 8, 4) if make == "unfold" else base.as_strided((4, 8), (4, 1))
+    target = random_targets(8, (x.shape[0],), device)
+    before = base.detach().clone()
+    with pytest.raises(RuntimeError, match="rows overlap in memory"):
+        fce.cross_entropy(x, target, inplace_backward=True)
+    assert torch.equal(base.detach(), before)
+    with pytest.raises(RuntimeError, match="rows overlap in memory"):
+        ops.scale_grad_(x.detach(), torch.ones(x.shape[0], device=device))
+    # The default mode reads them as they are.
+    loss = fce.cross_entropy(x, target)
+    assert_close(loss, reference(x.detach(), target), torch.float32)
+
+
 # Losses in the accumulation dtype: a half loss's .to() backward hands over a dense copy.
 @device_param()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
