@@ -18,7 +18,7 @@ class InplaceFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, grad_scale, lse_grad_scale, options, stats, reduction,
-                denominator, z_loss_scale, valid, z_denominator):
+                denominator, z_loss_scale, valid, z_denominator, nll_sum):
         loss_rows, lse, pred, target_pred = ops.ce_forward_inplace(
             logits, target, weight, grad_scale, *options, lse_grad_scale, stats)
         # Custom C++ ops do not bump the version counter; doing it here makes
@@ -27,7 +27,7 @@ class InplaceFn(torch.autograd.Function):
         ctx.save_for_backward(logits)
         ctx.backward_done = False
         ctx.set_materialize_grads(False)
-        loss = reduce_rows(loss_rows, reduction, denominator)
+        loss = reduce_rows(loss_rows, reduction, denominator, nll_sum(lse))
         if z_loss_scale:
             z_loss = reduce_rows(z_loss_rows(lse, valid, z_loss_scale, loss_rows.dtype), reduction, z_denominator)
             loss = loss + z_loss
@@ -52,7 +52,7 @@ class InplaceFn(torch.autograd.Function):
                 "(create_graph=True): its gradient is computed in the forward and is not itself "
                 "differentiable; use inplace_backward=False"
             )
-        return (scale_saved_grad_once(ctx, grad_output),) + (None,) * 11
+        return (scale_saved_grad_once(ctx, grad_output),) + (None,) * 12
 
 
 def scale_saved_grad_once(ctx, grad_output):
