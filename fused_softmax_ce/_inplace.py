@@ -38,14 +38,10 @@ class InplaceFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_z_loss, grad_lse, *_):
-        # (Dynamo traces this with every gradient materialised, so the check
-        # holds in eager mode only.)
-        if (grad_z_loss is not None or grad_lse is not None) and not torch.compiler.is_compiling():
-            raise RuntimeError(
-                "cross_entropy with inplace_backward=True computes the gradient of `loss` in the "
-                "forward; the z_loss and lse statistics are for logging and not differentiable. "
-                "Use inplace_backward=False to differentiate them"
-            )
+        for grad in (grad_z_loss, grad_lse):
+            refuse_gradient(grad, "cross_entropy with inplace_backward=True computes the gradient of `loss` in "
+                                  "the forward; the z_loss and lse statistics are for logging and not "
+                                  "differentiable. Use inplace_backward=False to differentiate them")
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "cross_entropy with inplace_backward=True does not support higher-order gradients "
@@ -55,11 +51,22 @@ class InplaceFn(torch.autograd.Function):
         return (scale_saved_grad_once(ctx, grad_output),) + (None,) * 12
 
 
+def refuse_gradient(grad, message):
+    """Raises `message` for a gradient that reaches an output not
+    differentiable. Dynamo traces backwards with every gradient materialised
+    (zeros where unused), so there the check is of the values, when it runs."""
+    if grad is None:
+        return
+    if not torch.compiler.is_compiling():
+        raise RuntimeError(message)
+    torch._assert_async((grad == 0).all(), message)
+
+
 def scale_saved_grad_once(ctx, grad_output):
     """The gradient the forward wrote into the logits' storage (saved on ctx),
     scaled there by grad_output; a second backward would scale it again, so it
     raises instead (ctx.backward_done starts False in the forward)."""
-    if ctx.backward_done:
+    if ctx.backward_done and not torch.compiler.is_compiling():  # dynamo may trace the backward twice
         raise RuntimeError(
             "Trying to backward through the graph a second time: cross_entropy with "
             "inplace_backward=True keeps one gradient buffer (the logits' storage) and "

@@ -18,7 +18,7 @@ from torch.nn import _reduction as _Reduction
 
 from ._checks import (check_class_weight_shape, check_index_weight_dtype, check_weight_not_differentiable,
                       dtype_name, label_smoothing_value, llm_option_values)
-from ._inplace import _under_functorch
+from ._inplace import _under_functorch, refuse_gradient
 from ._ops import acc_dtype, ops
 from ._reduction import grad_scales, mean_denominator
 from .functional import cross_entropy, finish
@@ -282,18 +282,19 @@ _linear_ce.register_autograd(_backward, setup_context=_setup_context)
 
 class _StatisticOnly(torch.autograd.Function):
     """A statistic whose gradient was not computed: using it in a loss raises
-    instead of silently dropping its term."""
+    instead of silently dropping its term. It requires grad through `anchor`
+    (the loss), not through requires_grad_(), which torch.compile cannot
+    trace on an intermediate."""
 
     @staticmethod
-    def forward(ctx, t):
+    def forward(ctx, t, anchor):
         return t.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError(
-            "linear_cross_entropy computes the gradient of `loss` in the forward; its z_loss and "
-            "lse statistics are for logging and not differentiable"
-        )
+        refuse_gradient(grad, "linear_cross_entropy computes the gradient of `loss` in the forward; its z_loss "
+                              "and lse statistics are for logging and not differentiable")
+        return None, None
 
 
 def _check(input, linear_weight, target, linear_bias, weight, autocast):
@@ -449,8 +450,8 @@ def linear_cross_entropy(
     out = finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, pred, None, t, valid, count)
     differentiable = grad_on and any(p is not None and p.requires_grad for p in (x, linear_weight, linear_bias))
     if return_stats and differentiable:
-        out = out._replace(z_loss=_StatisticOnly.apply(out.z_loss.requires_grad_()),
-                           lse=_StatisticOnly.apply(out.lse.requires_grad_()))
+        out = out._replace(z_loss=_StatisticOnly.apply(out.z_loss, out.loss),
+                           lse=_StatisticOnly.apply(out.lse, out.loss))
     return out
 
 
