@@ -81,6 +81,11 @@ def scale_saved_grad_once(ctx, grad_output):
         if grad_output.numel() > 1 and not any(grad_output.stride()):
             grad_output = grad_output[(0,) * grad_output.dim()]
         ops.scale_grad_(grad, grad_output.to(acc_dtype(grad.dtype)))
+    if not torch.compiler.is_compiling():
+        # The scaling writes the logits' storage: a node that saved the logits
+        # after the forward (reading gradient values) raises if its backward
+        # runs after this one. One whose backward ran before cannot be caught.
+        torch.autograd.graph.increment_version(grad)
     return grad
 
 
