@@ -20,7 +20,8 @@ from ._checks import (check_class_weight_shape, check_index_weight_dtype, check_
                       dtype_name, label_smoothing_value, llm_option_values)
 from ._inplace import _under_functorch, refuse_gradient
 from ._ops import acc_dtype, ops
-from ._reduction import grad_scales, mean_denominator
+from ._derivatives import effective_logits
+from ._reduction import grad_scales, mean_denominator, smoothed_nll_sum, target_logits
 from .functional import cross_entropy, finish
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -181,8 +182,15 @@ def _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scal
     pred = torch.empty(n if stats else 0, dtype=torch.long, device=device)
     grads = Grads(input, linear_weight, linear_bias, cdt, chunk_size, grad_acc_dtype,
                   need_input_grad, need_weight_grad, need_bias_grad)
+    ignore_index, label_smoothing, logit_scale, softcap = options
+    valid = target != ignore_index
+    # A smoothed weighted mean needs its nll part alone where the weights sum to 0 (see reduce_rows).
+    v_y = lse.new_empty(n) if reduction == "mean" and weight is not None and label_smoothing else None
 
     for start, stop, x, logits in chunks(input, w, b, cdt, chunk_size):
+        if v_y is not None:  # before the kernel overwrites the logits
+            v_y[start:stop] = target_logits(logits, target[start:stop], valid[start:stop],
+                                            lambda v: effective_logits(v, logit_scale, softcap))
         chunk = _chunk_loss(logits, target[start:stop], cw, grad_scale, lse_grad_scale, options, stats,
                             write_grad)
         loss[start:stop], lse[start:stop] = chunk[0], chunk[1]
@@ -204,7 +212,11 @@ def _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scal
     elif reduction == "sum":
         out, z_loss = loss.sum(), z_rows.sum()
     else:
-        out, z_loss = loss.sum() * grad_scale, z_rows.sum()
+        total = loss.sum()
+        out, z_loss = total * grad_scale, z_rows.sum()
+        if v_y is not None:  # grad_scale is 1 / sum(w_y): inf where that is 0
+            nll = smoothed_nll_sum(v_y, lse, target, weight, valid, label_smoothing).to(acc)
+            out = torch.where(grad_scale.isinf(), nll * grad_scale + (total - nll) * grad_scale, out)
     return out + z_loss, grad_input, grad_w, grad_b, z_loss, lse, pred
 
 

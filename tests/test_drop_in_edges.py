@@ -1,4 +1,5 @@
-"""Edge cases of the drop-in against PyTorch's own cross_entropy: unbatched
+"""Edge cases of the drop-ins against PyTorch's own cross_entropy (and
+linear_cross_entropy for a zero weight sum): unbatched
 input, degenerate denominators, label smoothing outside (0, 1], and the LLM
 options given as numpy scalars or 0-d tensors."""
 import numpy as np
@@ -51,6 +52,20 @@ def test_weights_summing_to_zero_give_pytorchs_infinity(sign, label_smoothing, i
                             inplace_backward=inplace)
     assert expected.isinf()
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("chunk_size", [2, None])
+def test_linear_smoothed_mean_over_rows_of_no_weight(chunk_size):
+    """As cross_entropy: the targets' classes weigh 0 and the others do not,
+    so the smoothing term is finite over a 0 weight sum, but PyTorch's mean
+    is nan: its nll term is 0 / 0."""
+    h, w = random_logits((4, 3), torch.float64, "cpu"), random_logits((6, 3), torch.float64, "cpu")
+    cw = torch.rand(6, dtype=torch.float64) + 0.1
+    cw[:2] = 0
+    y = torch.randint(0, 2, (4,))
+    expected = F.linear_cross_entropy(h, w, y, weight=cw, label_smoothing=0.2)
+    got = fce.linear_cross_entropy(h.requires_grad_(), w, y, weight=cw, label_smoothing=0.2, chunk_size=chunk_size)
+    assert expected.isnan() and got.isnan()
 
 
 @pytest.mark.parametrize("prob", [False, True])
