@@ -1,4 +1,6 @@
 """Argument checks with PyTorch's exception types and messages."""
+import numbers
+
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -6,20 +8,41 @@ _AUTOCAST_TO_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_index_target(input, target):
-    """PyTorch's nll_loss checks, with its messages and exception types."""
+    """PyTorch's nll_loss checks, in its order, with its messages and exception types."""
+    multi_target = "0D or 1D target tensor expected, multi-target not supported"
     if input.dim() == 1:
-        if target.numel() != 1 or target.dim() > 1:
-            raise ValueError(
-                f"Expected input batch_size (1) to match target batch_size ({target.numel()})."
-            )
-    elif target.dim() == 0 or input.shape[0] != target.shape[0]:
-        got = target.shape[0] if target.dim() > 0 else 0
+        if target.dim() > 1:
+            raise RuntimeError(multi_target)
+        if target.dtype not in (torch.long, torch.uint8):
+            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {dtype_name(target.dtype)}")
+        if target.dim() == 1 and target.shape[0] != 1:
+            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+        return
+    got = target.shape[0] if target.dim() > 0 else 0
+    if input.shape[0] != got or target.dim() == 0:
         raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({got}).")
-    elif tuple(target.shape) != (input.shape[0],) + tuple(input.shape[2:]):
-        expected = [input.shape[0]] + list(input.shape[2:])
+    expected = [input.shape[0]] + list(input.shape[2:])
+    if input.dim() == 2 and target.dim() != 1:
+        raise RuntimeError(multi_target)
+    if input.dim() == 4 and target.dim() != 3:
+        raise RuntimeError("only batches of spatial targets supported (3D tensors) but got targets of "
+                           f"dimension: {target.dim()}")
+    if list(target.shape) != expected:
+        if input.dim() == 4:
+            raise RuntimeError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
         raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
     if target.dtype not in (torch.long, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {dtype_name(target.dtype)}")
+
+
+def check_zero_dim_input(input, target):
+    """A 0-d input: PyTorch's errors, which depend on the target."""
+    if target.dim() > 0:
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
+    if not target.is_floating_point():
+        raise RuntimeError(f"Expected floating point type for target with class probabilities, got "
+                           f"{dtype_name(target.dtype)}")
+    raise IndexError("Dimension specified as 1 but tensor has no dimensions")
 
 
 def dtype_name(dtype):
@@ -28,7 +51,7 @@ def dtype_name(dtype):
             torch.int8: "Char", torch.bool: "Bool", torch.long: "Long"}.get(dtype, str(dtype))
 
 
-def check_common(input, weight, label_smoothing):
+def check_common(input, weight):
     if input.dim() == 0:
         raise ValueError("Expected 1 or more dimensions (got 0)")
     if input.dtype not in _FLOAT_DTYPES:
@@ -36,7 +59,6 @@ def check_common(input, weight, label_smoothing):
             f"cross_entropy: input dtype {input.dtype} is not supported; expected one of "
             "float32, float64, float16, bfloat16"
         )
-    check_label_smoothing(label_smoothing)
     if weight is not None:
         check_class_weight_shape(weight, input.shape[1] if input.dim() > 1 else input.shape[0])
         if weight.device != input.device:
@@ -46,9 +68,13 @@ def check_common(input, weight, label_smoothing):
             )
 
 
-def check_label_smoothing(label_smoothing):
-    if not 0.0 <= label_smoothing <= 1.0:
+def label_smoothing_value(label_smoothing):
+    """The smoothing in effect, as a float: PyTorch refuses only values over 1,
+    and smooths only for values over 0 (a negative or nan one is no smoothing)."""
+    label_smoothing = float(label_smoothing)
+    if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    return label_smoothing if label_smoothing > 0.0 else 0.0
 
 
 def check_class_weight_shape(weight, n_classes):
@@ -73,10 +99,12 @@ def check_index_weight_dtype(input, weight, autocast):
         )
 
 
-def check_inplace(input):
+def check_inplace(input, target, weight):
     """PyTorch's rule for in-place ops, checked before anything is written: no
     leaf, or view of a leaf, that requires grad. (Logits whose elements share
-    memory are refused by the op itself, with ATen's internal-overlap check.)"""
+    memory are refused by the op itself, with ATen's internal-overlap check.)
+    Nor a target or class weight that requires grad: their gradients need the
+    logits' values, which the in-place forward overwrites."""
     base = input._base if input._base is not None else input
     if base.is_leaf and base.requires_grad:
         what = "a leaf Variable" if base is input else "a view of a leaf Variable"
@@ -85,15 +113,51 @@ def check_inplace(input):
             "(cross_entropy with inplace_backward=True overwrites its input); pass a non-leaf "
             "tensor such as the output of the layer that computes the logits"
         )
+    for name, t in (("target", target), ("weight", weight)):
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"cross_entropy with inplace_backward=True cannot compute the gradient of {name} "
+                f"({name}.requires_grad=True): it needs the logits' values, which the forward "
+                "overwrites; use inplace_backward=False, or detach() it"
+            )
 
 
-def check_llm_options(logit_scale, softcap, z_loss_scale):
-    def finite_number(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and value - value == 0  # not inf, not nan
+def check_weight_not_differentiable(weight):
+    """PyTorch's nll_loss has no weight gradient and refuses, at the forward,
+    a weight that requires grad (index targets; probability targets have one)."""
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
+            "This input cannot have requires_grad True."
+        )
 
-    if not finite_number(logit_scale) or logit_scale <= 0:
+
+def llm_option_values(logit_scale, softcap, z_loss_scale):
+    """The options as floats (softcap 0.0 for None), checked. Numbers, numpy
+    scalars and 0-d tensors without grad are accepted; the kernels take them
+    as constants, so a tensor that requires grad is refused rather than left
+    without a gradient."""
+    def number(name, value):
+        if torch.is_tensor(value):
+            if value.dim() != 0 or value.requires_grad or not (value.is_floating_point() or value.dtype == torch.long):
+                raise ValueError(f"{name} must be a number or a 0-d tensor without grad, got a tensor of shape "
+                                f"{list(value.shape)}, dtype {value.dtype}, requires_grad={value.requires_grad}")
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return float(value)
+
+    def finite(value):
+        return value - value == 0  # not inf, not nan (math.isfinite breaks torch.compile's graph)
+
+    logit_scale = number("logit_scale", logit_scale)
+    if not finite(logit_scale) or logit_scale <= 0:
         raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
-    if softcap is not None and (not finite_number(softcap) or softcap <= 0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if not finite_number(z_loss_scale) or z_loss_scale < 0:
+    if softcap is not None:
+        softcap = number("softcap", softcap)
+        if not finite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    z_loss_scale = number("z_loss_scale", z_loss_scale)
+    if not finite(z_loss_scale) or z_loss_scale < 0:
         raise ValueError(f"z_loss_scale must be a finite number >= 0, got {z_loss_scale!r}")
+    return logit_scale, softcap or 0.0, z_loss_scale

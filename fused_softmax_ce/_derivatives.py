@@ -107,6 +107,18 @@ def target_grad(v, lse, weight, label_smoothing, g):
     return -(1.0 - label_smoothing) * log_p * g.double()
 
 
+def weight_terms(v, lse, target, label_smoothing, n_classes):
+    """dloss_row/dw_j = -((1 - eps) t_j + eps / C) log p_j for probability
+    targets (v the effective logits, C all the classes), float64."""
+    log_p = v.double() - lse.double().reshape(row_shape(v))
+    return -(target.double() * (1 - label_smoothing) + label_smoothing / n_classes) * log_p
+
+
+def weight_grad(terms, g):
+    """The class weight's gradient from weight_terms and the rows' upstream gradient g."""
+    return (terms * g.double()).sum([0] + list(range(2, terms.dim())))
+
+
 def backward_vjp(terms, g, h, weight, label_smoothing, is_prob, V):
     """The vector-Jacobian products of G = logits_grad(terms, g, h) with V:
     with respect to (g, h, z, lse, t); t only for probability targets."""

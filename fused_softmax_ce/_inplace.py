@@ -18,7 +18,7 @@ class InplaceFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, grad_scale, lse_grad_scale, options, stats, reduction,
-                denominator, z_loss_scale, valid, z_denominator):
+                denominator, z_loss_scale, valid, z_denominator, nll_sum):
         loss_rows, lse, pred, target_pred = ops.ce_forward_inplace(
             logits, target, weight, grad_scale, *options, lse_grad_scale, stats)
         # Custom C++ ops do not bump the version counter; doing it here makes
@@ -27,7 +27,7 @@ class InplaceFn(torch.autograd.Function):
         ctx.save_for_backward(logits)
         ctx.backward_done = False
         ctx.set_materialize_grads(False)
-        loss = reduce_rows(loss_rows, reduction, denominator)
+        loss = reduce_rows(loss_rows, reduction, denominator, nll_sum(lse))
         if z_loss_scale:
             z_loss = reduce_rows(z_loss_rows(lse, valid, z_loss_scale, loss_rows.dtype), reduction, z_denominator)
             loss = loss + z_loss
@@ -38,28 +38,35 @@ class InplaceFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_z_loss, grad_lse, *_):
-        # (Dynamo traces this with every gradient materialised, so the check
-        # holds in eager mode only.)
-        if (grad_z_loss is not None or grad_lse is not None) and not torch.compiler.is_compiling():
-            raise RuntimeError(
-                "cross_entropy with inplace_backward=True computes the gradient of `loss` in the "
-                "forward; the z_loss and lse statistics are for logging and not differentiable. "
-                "Use inplace_backward=False to differentiate them"
-            )
+        for grad in (grad_z_loss, grad_lse):
+            refuse_gradient(grad, "cross_entropy with inplace_backward=True computes the gradient of `loss` in "
+                                  "the forward; the z_loss and lse statistics are for logging and not "
+                                  "differentiable. Use inplace_backward=False to differentiate them")
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "cross_entropy with inplace_backward=True does not support higher-order gradients "
                 "(create_graph=True): its gradient is computed in the forward and is not itself "
                 "differentiable; use inplace_backward=False"
             )
-        return (scale_saved_grad_once(ctx, grad_output),) + (None,) * 11
+        return (scale_saved_grad_once(ctx, grad_output),) + (None,) * 12
+
+
+def refuse_gradient(grad, message):
+    """Raises `message` for a gradient that reaches an output not
+    differentiable. Dynamo traces backwards with every gradient materialised
+    (zeros where unused), so there the check is of the values, when it runs."""
+    if grad is None:
+        return
+    if not torch.compiler.is_compiling():
+        raise RuntimeError(message)
+    torch._assert_async((grad == 0).all(), message)
 
 
 def scale_saved_grad_once(ctx, grad_output):
     """The gradient the forward wrote into the logits' storage (saved on ctx),
     scaled there by grad_output; a second backward would scale it again, so it
     raises instead (ctx.backward_done starts False in the forward)."""
-    if ctx.backward_done:
+    if ctx.backward_done and not torch.compiler.is_compiling():  # dynamo may trace the backward twice
         raise RuntimeError(
             "Trying to backward through the graph a second time: cross_entropy with "
             "inplace_backward=True keeps one gradient buffer (the logits' storage) and "
@@ -74,6 +81,11 @@ def scale_saved_grad_once(ctx, grad_output):
         if grad_output.numel() > 1 and not any(grad_output.stride()):
             grad_output = grad_output[(0,) * grad_output.dim()]
         ops.scale_grad_(grad, grad_output.to(acc_dtype(grad.dtype)))
+    if not torch.compiler.is_compiling():
+        # The scaling writes the logits' storage: a node that saved the logits
+        # after the forward (reading gradient values) raises if its backward
+        # runs after this one. One whose backward ran before cannot be caught.
+        torch.autograd.graph.increment_version(grad)
     return grad
 
 

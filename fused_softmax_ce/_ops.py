@@ -130,24 +130,34 @@ def _forward_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _n_classes(logits, options):
+    """All the classes: the shard's total (options end in offset, total) or the logits' own."""
+    return options[5] if len(options) > 5 and options[5] > 0 else logits.shape[1]
+
+
 def _forward_backward(ctx, grad_output, grad_lse, backward_op):
-    """Gradients of ce_forward's (loss, lse) for the logits and soft targets."""
+    """Gradients of ce_forward's (loss, lse) for the logits, and for
+    probability targets the target's and the class weight's."""
     logits, target, weight, lse = ctx.saved_tensors
-    none = (None,) * (ctx.num_inputs - 2)
-    if ctx.needs_input_grad[2]:
+    none = (None,) * (ctx.num_inputs - 3)
+    if ctx.needs_input_grad[2] and not target.is_floating_point():
         raise RuntimeError("the derivative for 'weight' is not implemented.")
     if grad_output is None and grad_lse is None:
-        return (None, None) + none
+        return (None, None, None) + none
     if grad_output is None:
         grad_output = torch.zeros_like(lse, dtype=acc_dtype(logits.dtype))
-    grad_logits = grad_target = None
+    grad_logits = grad_target = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_logits = backward_op(grad_output, grad_lse, logits, target, weight, lse, *ctx.options)
-    if ctx.needs_input_grad[1]:
+    g = D.rows(grad_output, logits)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         v = D.effective_logits(logits, *ctx.options[2:4])
-        grad_target = D.target_grad(v, lse, weight, ctx.options[1], D.rows(grad_output, logits))
-        grad_target = grad_target.to(target.dtype)
-    return (grad_logits, grad_target) + none
+    if ctx.needs_input_grad[1]:
+        grad_target = D.target_grad(v, lse, weight, ctx.options[1], g).to(target.dtype)
+    if ctx.needs_input_grad[2]:
+        terms = D.weight_terms(v, lse, target, ctx.options[1], _n_classes(logits, ctx.options))
+        grad_weight = D.weight_grad(terms, g).to(weight.dtype)
+    return (grad_logits, grad_target, grad_weight) + none
 
 
 def _backward_setup(ctx, inputs, output):
@@ -223,9 +233,9 @@ class ForwardFn(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, d_logits, d_target, d_weight, *_):
-        if d_weight is not None:
-            raise RuntimeError("the derivative for 'weight' is not implemented.")
         logits, target, weight, lse = ctx.saved_tensors
+        if d_weight is not None and not target.is_floating_point():
+            raise RuntimeError("the derivative for 'weight' is not implemented.")
         acc = acc_dtype(logits.dtype)
         ones = torch.ones_like(lse, dtype=acc)
         d_loss = torch.zeros_like(lse, dtype=acc)
@@ -238,10 +248,15 @@ class ForwardFn(torch.autograd.Function):
             dlse = BackwardFn.apply(torch.zeros_like(ones), ones, *args).to(acc)
             d_loss = d_loss + D.flat((grad * d_logits.to(acc)).sum(1, keepdim=True))
             d_lse = d_lse + D.flat((dlse * d_logits.to(acc)).sum(1, keepdim=True)).double()
-        if d_target is not None and target.is_floating_point():
+        if (d_target is not None and target.is_floating_point()) or d_weight is not None:
             v = D.effective_logits(logits, *ctx.options[2:4])
+        if d_target is not None and target.is_floating_point():
             dt = D.target_grad(v, lse, weight, ctx.options[1], D.rows(ones, logits))
             d_loss = d_loss + D.flat((dt * d_target.double()).sum(1, keepdim=True)).to(acc)
+        if d_weight is not None:
+            terms = D.weight_terms(v, lse, target, ctx.options[1], _n_classes(logits, ctx.options))
+            dw = d_weight.double().reshape(D.class_shape(logits))
+            d_loss = d_loss + D.flat((terms * dw).sum(1, keepdim=True)).to(acc)
         return d_loss, d_lse, None, None
 
 

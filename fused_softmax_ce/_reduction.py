@@ -32,18 +32,32 @@ def grad_scales(reduction, denominator, z_loss_scale, z_denominator, acc, device
     return grad_scale, lse_grad_scale
 
 
-def reduce_rows(rows, reduction, denominator):
+def reduce_rows(rows, reduction, denominator, nll_sum=None):
+    """rows reduced; for the mean of a smoothed loss, nll_sum is its (1 - eps)
+    weighted-nll part (see smoothed_nll_sum). PyTorch divides that part and
+    the smoothing part by the denominator separately, which only matters when
+    it is 0: nan for no weight at all, an infinity for weights summing to 0."""
     if reduction == "none":
         return rows
     total = rows.sum()
     if reduction == "sum":
         return total
-    return nan_if_empty(total / denominator, denominator)
-
-
-def nan_if_empty(mean, denominator):
-    """PyTorch's mean over no weight (all rows ignored or weighted 0) is nan,
-    also when label smoothing makes the sum non-zero."""
-    if not torch.is_tensor(denominator):
+    mean = total / denominator
+    if nll_sum is None:
         return mean
-    return torch.where(denominator == 0, torch.full_like(mean, math.nan), mean)
+    return torch.where(denominator == 0, nll_sum / denominator + (total - nll_sum) / denominator, mean)
+
+
+def target_logits(x3, target, valid, effective):
+    """The effective logit at each row's target class (float64, without grad;
+    0 on ignored rows), read before an in-place kernel overwrites them."""
+    with torch.no_grad():
+        idx = torch.where(valid, target, 0).reshape((x3.shape[0], 1) + tuple(x3.shape[2:]))
+        return effective(x3.gather(1, idx)).reshape(-1).double() * valid
+
+
+def smoothed_nll_sum(v_y, lse, target, weight, valid, label_smoothing):
+    """(1 - eps) * sum of w_y (lse - v_y) over rows not ignored, without grad."""
+    with torch.no_grad():
+        w_y = weight.double()[torch.where(valid, target, 0)] * valid
+        return (1 - label_smoothing) * (w_y * (lse.double() - v_y)).sum()

@@ -5,11 +5,13 @@ from typing import NamedTuple
 import torch
 from torch.nn import _reduction as _Reduction
 
-from ._checks import check_common, check_llm_options, check_index_target, check_index_weight_dtype, check_inplace, dtype_name
-from ._derivatives import acc_dtype
+from ._checks import (check_common, check_index_target, check_index_weight_dtype, check_inplace,
+                      check_weight_not_differentiable, check_zero_dim_input, dtype_name, label_smoothing_value,
+                      llm_option_values)
+from ._derivatives import acc_dtype, effective_logits
 from ._inplace import inplace_cross_entropy
 from ._ops import cross_entropy_rows
-from ._reduction import grad_scales, mean_denominator, reduce_rows, z_loss_rows
+from ._reduction import grad_scales, mean_denominator, reduce_rows, smoothed_nll_sum, target_logits, z_loss_rows
 
 
 class CrossEntropyStats(NamedTuple):
@@ -66,13 +68,16 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     _Reduction.get_enum(reduction)  # ValueError on an unknown reduction, as PyTorch
+    label_smoothing = label_smoothing_value(label_smoothing)
+    logit_scale, softcap, z_loss_scale = llm_option_values(logit_scale, softcap, z_loss_scale)
     if process_group is not None:
         from .vocab_parallel import vocab_parallel_cross_entropy  # it imports this module's helpers
         return vocab_parallel_cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward,
             logit_scale, softcap, z_loss_scale, return_stats, process_group)
-    check_common(input, weight, label_smoothing)
-    check_llm_options(logit_scale, softcap, z_loss_scale)
+    if input.dim() == 0:
+        check_zero_dim_input(input, target)
+    check_common(input, weight)
     # PyTorch runs cross_entropy in float32 under autocast. The kernels read
     # half-precision logits directly and accumulate in float32, so only the
     # result's dtype changes: no float32 copy of the logits is made.
@@ -81,23 +86,33 @@ def cross_entropy(
 
     batched = input.dim() > 1
     x = input if batched else input.unsqueeze(0)
-    n, n_classes = x.shape[0], x.shape[1]
-    spatial = tuple(x.shape[2:])
+    n_classes = x.shape[1]
     rows_view = _is_rows_view(x)
     x3 = _layout(x, rows_view)
 
     prob = target.shape == input.shape
     t, out_dtype, loss_shape, valid = resolve_target(input, target, weight, ignore_index, autocast, rows_view)
+    inplace = inplace_backward and torch.is_grad_enabled() and input.requires_grad
+    if inplace:
+        check_inplace(input, t, weight)
+    v_y = None
     if prob:
-        denominator = n * math.prod(spatial)  # the mean of probability targets is over rows
-        count = denominator
+        # The mean of probability targets is over rows; PyTorch's is nan
+        # without elements, also for rows of no classes.
+        count = x3.shape[0] * (x3.shape[2] if x3.dim() == 3 else 1)
+        denominator = count if n_classes else 0
     else:
         denominator = None
         if reduction == "mean":  # only the mean needs sum(w_y) over rows not ignored
             denominator = mean_denominator(t, weight, ignore_index, n_classes, acc)
+            if weight is not None and label_smoothing:
+                v_y = target_logits(x3, t, valid, lambda v: effective_logits(v, logit_scale, softcap))
         count = valid.sum().to(acc) if (z_loss_scale or return_stats) else None
-    options = (ignore_index, label_smoothing, float(logit_scale), float(softcap or 0.0))
+    options = (ignore_index, label_smoothing, logit_scale, softcap)
     z_denominator = count if reduction == "mean" else None
+
+    def nll_sum(lse):
+        return None if v_y is None else smoothed_nll_sum(v_y, lse, t, weight, valid, label_smoothing)
 
     if n_classes == 0 and prob:
         # -sum over no classes: PyTorch's zeros, and nothing for a kernel to do.
@@ -106,16 +121,15 @@ def cross_entropy(
         pred = target_pred = torch.zeros_like(loss_rows, dtype=torch.long)
         loss = reduce_rows(loss_rows, reduction, denominator)
         z_loss = torch.zeros_like(loss)
-    elif inplace_backward and torch.is_grad_enabled() and input.requires_grad:
-        check_inplace(input)
+    elif inplace:
         grad_scale, lse_grad_scale = grad_scales(reduction, denominator, z_loss_scale, z_denominator, acc,
                                                  input.device)
         loss, z_loss, lse, pred, target_pred = inplace_cross_entropy(
             x3, t, weight, grad_scale, lse_grad_scale, options, return_stats, reduction,
-            denominator, z_loss_scale, valid, z_denominator)
+            denominator, z_loss_scale, valid, z_denominator, nll_sum)
     else:
         loss_rows, lse, pred, target_pred = cross_entropy_rows(x3, t, weight, options, return_stats)
-        loss = reduce_rows(loss_rows, reduction, denominator)
+        loss = reduce_rows(loss_rows, reduction, denominator, nll_sum(lse))
         if z_loss_scale:
             # A composition over the differentiable lse: its gradient reaches
             # the backward kernel as grad_lse, with no extra pass.
@@ -150,8 +164,9 @@ def resolve_target(input, target, weight, ignore_index, autocast, rows_view):
         check_index_target(input, target)
         if weight is not None:
             check_index_weight_dtype(input, weight, autocast)
+            check_weight_not_differentiable(weight)
         out_dtype = input.dtype
-        loss_shape = tuple(target.shape)
+        loss_shape = tuple(target.shape) if batched else ()
         t = target.reshape(-1).long()
         valid = t != ignore_index
     if autocast and out_dtype != torch.float64:

@@ -12,16 +12,20 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn import _reduction as _Reduction
 
-from ._checks import (check_class_weight_shape, check_index_weight_dtype, check_label_smoothing,
-                      check_llm_options, dtype_name)
+from ._checks import (check_class_weight_shape, check_index_weight_dtype, check_weight_not_differentiable,
+                      dtype_name, label_smoothing_value, llm_option_values)
+from ._inplace import _under_functorch, refuse_gradient
 from ._ops import acc_dtype, ops
-from ._reduction import grad_scales, mean_denominator
-from .functional import finish
+from ._derivatives import effective_logits
+from ._reduction import grad_scales, mean_denominator, smoothed_nll_sum, target_logits
+from .functional import cross_entropy, finish
 
 _HALF = (torch.float16, torch.bfloat16)
+_AUTOCAST_TO_LOW = (torch.float32,) + _HALF
 
 
 def _compute_dtype(dtype, device):
@@ -170,14 +174,23 @@ def _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scal
     acc = acc_dtype(cdt)
     write_grad = need_input_grad or need_weight_grad or need_bias_grad
 
-    w, b, cw = _cast(cdt, linear_weight, linear_bias, weight)
+    # The kernels read the class weight in float32 (float64 for float64), as
+    # PyTorch under autocast: not rounded to the matmuls' dtype.
+    (w, b), cw = _cast(cdt, linear_weight, linear_bias), weight
     loss = torch.empty(n, dtype=acc, device=device)
     lse = torch.empty(n, dtype=torch.float64, device=device)
     pred = torch.empty(n if stats else 0, dtype=torch.long, device=device)
     grads = Grads(input, linear_weight, linear_bias, cdt, chunk_size, grad_acc_dtype,
                   need_input_grad, need_weight_grad, need_bias_grad)
+    ignore_index, label_smoothing, logit_scale, softcap = options
+    valid = target != ignore_index
+    # A smoothed weighted mean needs its nll part alone where the weights sum to 0 (see reduce_rows).
+    v_y = lse.new_empty(n) if reduction == "mean" and weight is not None and label_smoothing else None
 
     for start, stop, x, logits in chunks(input, w, b, cdt, chunk_size):
+        if v_y is not None:  # before the kernel overwrites the logits
+            v_y[start:stop] = target_logits(logits, target[start:stop], valid[start:stop],
+                                            lambda v: effective_logits(v, logit_scale, softcap))
         chunk = _chunk_loss(logits, target[start:stop], cw, grad_scale, lse_grad_scale, options, stats,
                             write_grad)
         loss[start:stop], lse[start:stop] = chunk[0], chunk[1]
@@ -199,7 +212,11 @@ def _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scal
     elif reduction == "sum":
         out, z_loss = loss.sum(), z_rows.sum()
     else:
-        out, z_loss = loss.sum() * grad_scale, z_rows.sum()
+        total = loss.sum()
+        out, z_loss = total * grad_scale, z_rows.sum()
+        if v_y is not None:  # grad_scale is 1 / sum(w_y): inf where that is 0
+            nll = smoothed_nll_sum(v_y, lse, target, weight, valid, label_smoothing).to(acc)
+            out = torch.where(grad_scale.isinf(), nll * grad_scale + (total - nll) * grad_scale, out)
     return out + z_loss, grad_input, grad_w, grad_b, z_loss, lse, pred
 
 
@@ -277,21 +294,22 @@ _linear_ce.register_autograd(_backward, setup_context=_setup_context)
 
 class _StatisticOnly(torch.autograd.Function):
     """A statistic whose gradient was not computed: using it in a loss raises
-    instead of silently dropping its term."""
+    instead of silently dropping its term. It requires grad through `anchor`
+    (the loss), not through requires_grad_(), which torch.compile cannot
+    trace on an intermediate."""
 
     @staticmethod
-    def forward(ctx, t):
+    def forward(ctx, t, anchor):
         return t.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError(
-            "linear_cross_entropy computes the gradient of `loss` in the forward; its z_loss and "
-            "lse statistics are for logging and not differentiable"
-        )
+        refuse_gradient(grad, "linear_cross_entropy computes the gradient of `loss` in the forward; its z_loss "
+                              "and lse statistics are for logging and not differentiable")
+        return None, None
 
 
-def _check(input, linear_weight, target, linear_bias, weight, label_smoothing):
+def _check(input, linear_weight, target, linear_bias, weight, autocast):
     """PyTorch's checks (types and messages) for what this path supports; clear refusals for the rest."""
     if input.dim() < 1:
         raise RuntimeError(f"expected input with dimensionality 1 or more, got {input.dim()}")
@@ -337,10 +355,10 @@ def _check(input, linear_weight, target, linear_bias, weight, label_smoothing):
         raise RuntimeError(
             f"expected target dtype to be Long or Byte, but got {dtype_name(target.dtype)}"
         )
-    check_label_smoothing(label_smoothing)
     if weight is not None:
         check_class_weight_shape(weight, n_classes)
-        check_index_weight_dtype(input, weight, autocast=False)  # checked before autocast's casts
+        check_index_weight_dtype(input, weight, autocast)
+        check_weight_not_differentiable(weight)
 
 
 def linear_cross_entropy(
@@ -395,15 +413,22 @@ def linear_cross_entropy(
     _Reduction.get_enum(reduction)  # ValueError on an unknown reduction, as PyTorch
     if ignore_index is None:  # PyTorch's default for class-index targets
         ignore_index = -100
-    _check(input, linear_weight, target, linear_bias, weight, label_smoothing)
-    check_llm_options(logit_scale, softcap, z_loss_scale)
+    label_smoothing = label_smoothing_value(label_smoothing)
+    logit_scale, softcap, z_loss_scale = llm_option_values(logit_scale, softcap, z_loss_scale)
+    autocast = torch.is_autocast_enabled(input.device.type)
     out_dtype = input.dtype
-    if torch.is_autocast_enabled(input.device.type):
-        # As autocast runs the reference's linear: in the autocast dtype.
+    if autocast:
+        # As autocast runs the reference: the linear in the autocast dtype
+        # (float64 stays), the cross-entropy in float32.
         dt = torch.get_autocast_dtype(input.device.type)
-        input, linear_weight = input.to(dt), linear_weight.to(dt)
-        linear_bias = None if linear_bias is None else linear_bias.to(dt)
-        weight = None if weight is None else weight.to(dt)
+        input, linear_weight, linear_bias = (
+            None if t is None or t.dtype not in _AUTOCAST_TO_LOW else t.to(dt)
+            for t in (input, linear_weight, linear_bias))
+        out_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    _check(input, linear_weight, target, linear_bias, weight, autocast)
+    if _needs_composite(input, linear_weight, linear_bias):
+        return _composite(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                          label_smoothing, logit_scale, softcap, z_loss_scale, return_stats, process_group)
     if grad_acc_dtype is None:
         grad_acc_dtype = torch.float32 if input.dtype in _HALF else input.dtype
 
@@ -432,14 +457,45 @@ def linear_cross_entropy(
                 for p in (x, linear_weight, linear_bias)]
         loss, _, _, _, z_loss, lse, pred = _linear_ce(
             x, linear_weight, t, linear_bias, weight, scale, None, reduction, ignore_index,
-            float(label_smoothing), float(logit_scale), float(softcap or 0.0), lse_grad_scale,
+            label_smoothing, logit_scale, softcap, lse_grad_scale,
             bool(return_stats), int(chunk_size), grad_acc_dtype, *need)
     out = finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, pred, None, t, valid, count)
     differentiable = grad_on and any(p is not None and p.requires_grad for p in (x, linear_weight, linear_bias))
     if return_stats and differentiable:
-        out = out._replace(z_loss=_StatisticOnly.apply(out.z_loss.requires_grad_()),
-                           lse=_StatisticOnly.apply(out.lse.requires_grad_()))
+        out = out._replace(z_loss=_StatisticOnly.apply(out.z_loss, out.loss),
+                           lse=_StatisticOnly.apply(out.lse, out.loss))
     return out
+
+
+def _needs_composite(*tensors):
+    """True under torch.func transforms or with forward-mode tangents: the
+    fused op computes its gradients in the forward, which these cannot see."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(t is not None and (_under_functorch(t) or forward_ad.unpack_dual(t).tangent is not None)
+               for t in tensors)
+
+
+def _composite(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+               logit_scale, softcap, z_loss_scale, return_stats, process_group):
+    """linear then cross_entropy, with the N x V logits held: what torch.func
+    and forward-mode AD differentiate (the logits' ops support them)."""
+    if process_group is not None:
+        raise RuntimeError(
+            "linear_cross_entropy with process_group does not support torch.func transforms or "
+            "forward-mode AD; all-gather the logits and use cross_entropy instead"
+        )
+    logits = nn.functional.linear(input, linear_weight, linear_bias)
+    out = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), weight=weight,
+                        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                        logit_scale=logit_scale, softcap=softcap or None, z_loss_scale=z_loss_scale,
+                        return_stats=return_stats)
+    if reduction != "none":
+        return out
+    if return_stats:
+        return out._replace(loss=out.loss.reshape(target.shape), z_loss=out.z_loss.reshape(target.shape),
+                            lse=out.lse.reshape(target.shape))
+    return out.reshape(target.shape)
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -1,5 +1,6 @@
 """`CrossEntropyLoss`: the drop-in for `torch.nn.CrossEntropyLoss`."""
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.nn import _reduction as _Reduction
 
 from .functional import cross_entropy
@@ -46,7 +47,14 @@ class CrossEntropyLoss(nn.Module):
         self.return_stats = return_stats
         self.process_group = process_group
 
-    def forward(self, input, target):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return self._loss(input, target)
+
+    @torch.jit.ignore
+    def _loss(self, input: Tensor, target: Tensor) -> Tensor:
+        # TorchScript cannot compile cross_entropy (its checks, autograd
+        # Functions and custom ops are Python): a scripted module calls it
+        # back in Python, so it runs but cannot be saved by torch.jit.save.
         return cross_entropy(
             input,
             target,
@@ -61,6 +69,15 @@ class CrossEntropyLoss(nn.Module):
             return_stats=self.return_stats,
             process_group=self.process_group,
         )
+
+    def __prepare_scriptable__(self):
+        if self.return_stats or self.process_group is not None:
+            raise RuntimeError(
+                "torch.jit.script(CrossEntropyLoss) supports the loss tensor only, not return_stats=True "
+                "(a NamedTuple) or process_group (a ProcessGroup): got "
+                f"return_stats={self.return_stats}, process_group={self.process_group}"
+            )
+        return self
 
     def extra_repr(self):
         return (

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from . import _derivatives as D
-from ._checks import check_common, check_inplace, check_llm_options
+from ._checks import check_common, check_inplace
 from ._derivatives import acc_dtype
 from ._inplace import scale_saved_grad_once
 from ._ops import ops
@@ -54,12 +54,18 @@ def _group(process_group):
 
 
 def shard_of(group, n_classes, rows, device):
-    """(class_offset, total_classes) of this rank, checked against every rank.
+    """(class_offset, total_classes, agreed) of this rank; agreed is a device
+    bool that `combine_shards` shares, so that every rank raises alike.
 
     The 2-value all_gather runs on every call, so that ranks that disagree on
     the row count fail here, on the device and without a host sync, rather
-    than in the payload all_gather (whose sizes would not match). The sizes
-    are read to the host once per (group, local class count) and cached.
+    than in the payload all_gather (whose sizes would not match). On the CPU
+    the sizes are read every call (no sync to avoid), so a group may change
+    its class split. Elsewhere they are read to the host once per (group,
+    local class count) and cached; a rank that finds them changed since
+    (another class split of the group that repeats its local count) cannot
+    raise at once, or the others would wait for it in the payload all_gather:
+    its disagreement travels there instead, and every rank raises.
     """
     world = dist.get_world_size(group)
     mine = torch.full((1, 2), rows, dtype=torch.long, device=device)  # fills, not a host copy
@@ -67,8 +73,8 @@ def shard_of(group, n_classes, rows, device):
     every = mine.new_empty(world, 2)
     dist.all_gather_single(every, mine, group=group)
     key = (group, n_classes)
-    if key not in _SHARDS:
-        sizes = every.tolist()  # once per key: the only host read
+    if key not in _SHARDS or device.type == "cpu":
+        sizes = every.tolist()  # once per key off the CPU: the only host read
         row_counts = [r for _, r in sizes]
         if len(set(row_counts)) != 1:
             raise ValueError(
@@ -84,12 +90,12 @@ def shard_of(group, n_classes, rows, device):
         rank = dist.get_rank(group)
         _SHARDS[key] = (sum(classes[:rank]), sum(classes), every[:, 0].clone())
     offset, total, classes = _SHARDS[key]
-    torch._assert_async(
-        (every[:, 1] == rows).all() & (every[:, 0] == classes).all(),
-        "vocab-parallel cross-entropy: the ranks of process_group disagree on the number of rows, "
-        "or their class slices changed since they were first seen",
-    )
-    return offset, total
+    # Every rank sees the same sizes, so every rank fails alike here (a rank
+    # that read them above raised its ValueError for these).
+    torch._assert_async((every[:, 1] == rows).all() & (every[:, 0] >= 1).all(),
+                        "vocab-parallel cross-entropy: the ranks of process_group disagree on the number of "
+                        "rows, or one holds no class")
+    return offset, total, (every[:, 0] == classes).all()
 
 
 def _shard_coefficient(target, weight, label_smoothing, ignore_index, offset, total, n_classes):
@@ -130,16 +136,16 @@ def stat_columns(x3, target, pred, target_pred, options, offset):
     return cols
 
 
-def _gather_rows(x3, target, weight, options, stats, group, offset, total):
+def _gather_rows(x3, target, weight, options, stats, group, offset, total, agreed):
     """Runs the shard's forward, then `combine_shards`."""
     loss_k, lse_k, pred, target_pred = ops.ce_forward(x3, target, weight, *options, stats, offset, total)
     cols = stat_columns(x3, target, pred, target_pred, options, offset) if stats else []
     return combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, options, group, offset,
-                          total, x3.shape[1])
+                          total, x3.shape[1], agreed)
 
 
 def combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, options, group, offset, total,
-                   n_classes):
+                   n_classes, agreed):
     """The all_gather of the shard's per-row (lse_k, L_k, A_k) and stat
     columns: (loss_rows, lse, A - A_k, pred, target_pred, sum of w_y or
     None), all global; pred and target_pred pass through without stats."""
@@ -150,10 +156,17 @@ def combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, optio
     pair = torch.stack([loss_k, A_k.to(loss_k.dtype)], 1).view(torch.float64).reshape(-1)
     rows = lse_k.numel()
     extra = [w_y.sum().reshape(1)] if w_y is not None and weight is not None else []
-    payload = torch.cat([lse_k, pair] + cols + extra)
+    payload = torch.cat([lse_k, pair] + cols + extra + [agreed.double().reshape(1)])
     world = dist.get_world_size(group)
     every = payload.new_empty(world, payload.numel())
     dist.all_gather_single(every, payload.unsqueeze(0), group=group)
+    torch._assert_async(
+        (every[:, -1] == 1).all(),
+        "vocab-parallel cross-entropy: the class slices of process_group's ranks differ from those a "
+        "rank first saw for its local class count on this group (a second class split of the group "
+        "must not repeat a rank's local class count)",
+    )
+    every = every[:, :-1]
     lse_all = every[:, :rows]
     pairs = every[:, rows:rows + pair.numel()].view(loss_k.dtype).reshape(world, rows, 2).double()
     loss_all, A_all = pairs[..., 0], pairs[..., 1]
@@ -199,9 +212,9 @@ class VocabParallelFn(torch.autograd.Function):
     gradient reaches this rank's logits and probability-target shard."""
 
     @staticmethod
-    def forward(ctx, x3, target, weight, options, stats, group, offset, total):
+    def forward(ctx, x3, target, weight, options, stats, group, offset, total, agreed):
         loss, lse, A_rest, pred, target_pred, w_y_sum = _gather_rows(
-            x3, target, weight, options, stats, group, offset, total)
+            x3, target, weight, options, stats, group, offset, total, agreed)
         ctx.save_for_backward(x3, target, weight, lse, A_rest)
         ctx.options = (*options, offset, total)
         ctx.mark_non_differentiable(pred, target_pred)
@@ -215,10 +228,10 @@ class VocabParallelFn(torch.autograd.Function):
         _refuse_create_graph()
         x3, target, weight, lse, A_rest = ctx.saved_tensors
         none = (None,) * 6
-        if weight is not None and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2] and not target.is_floating_point():
             raise RuntimeError("the derivative for 'weight' is not implemented.")
         if grad_loss is None and grad_lse is None:
-            return (None, None) + none
+            return (None, None, None) + none
         acc = acc_dtype(x3.dtype)
         g = torch.zeros_like(lse, dtype=acc) if grad_loss is None else grad_loss.to(acc)
         # The other shards' part of g A, so that the kernel's gradient
@@ -226,13 +239,17 @@ class VocabParallelFn(torch.autograd.Function):
         h = g.double() * A_rest
         if grad_lse is not None:
             h = h + grad_lse.double()
-        grad_x = grad_t = None
+        grad_x = grad_t = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = ops.ce_backward(g, h.to(acc), x3, target, weight, lse, *ctx.options)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             v = D.effective_logits(x3, *ctx.options[2:4])
+        if ctx.needs_input_grad[1]:
             grad_t = D.target_grad(v, lse, weight, ctx.options[1], D.rows(g, x3)).to(target.dtype)
-        return (grad_x, grad_t) + none
+        if ctx.needs_input_grad[2]:  # the shard's classes, against the global lse
+            terms = D.weight_terms(v, lse, target, ctx.options[1], ctx.options[-1])
+            grad_w = D.weight_grad(terms, D.rows(g, x3)).to(weight.dtype)
+        return (grad_x, grad_t, grad_w) + none
 
 
 class InplaceVocabParallelFn(torch.autograd.Function):
@@ -242,9 +259,9 @@ class InplaceVocabParallelFn(torch.autograd.Function):
     (loss, z_loss, lse, pred, target_pred); only `loss` is differentiable."""
 
     @staticmethod
-    def forward(ctx, x3, target, weight, options, stats, group, offset, total, reduce):
+    def forward(ctx, x3, target, weight, options, stats, group, offset, total, agreed, reduce):
         loss_rows, lse, A_rest, pred, target_pred, w_y_sum = _gather_rows(
-            x3, target, weight, options, stats, group, offset, total)
+            x3, target, weight, options, stats, group, offset, total, agreed)
         loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum)
         acc = acc_dtype(x3.dtype)
         g = grad_scale.to(acc).expand(lse.shape)
@@ -266,18 +283,23 @@ class InplaceVocabParallelFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         _refuse_create_graph()
-        return (scale_saved_grad_once(ctx, grad_loss),) + (None,) * 8
+        return (scale_saved_grad_once(ctx, grad_loss),) + (None,) * 9
 
 
-def reducer(reduction, weight, valid, count, z_loss_scale, acc):
+def reducer(reduction, weight, valid, count, z_loss_scale, acc, label_smoothing):
     """reduce(loss_rows, lse, w_y_sum) -> (loss, z_loss, the loss's gradient
     scale, the lse's gradient per unit lse), for the global rows; `count` is
     the number of rows not ignored, `valid` those rows (None: all)."""
+    # A smoothed weighted mean over a zero weight sum is nan here: PyTorch's
+    # whenever no row has weight, but not its infinity for weights that sum
+    # to 0, which needs the nll part alone (another collective).
+    zero_nll = weight is not None and valid is not None and label_smoothing
+
     def reduce(loss_rows, lse, w_y_sum):
         mean = reduction == "mean"
         den = (count if valid is None or weight is None else w_y_sum.to(acc)) if mean else None
         z_den = count if mean else None
-        loss = reduce_rows(loss_rows, reduction, den)
+        loss = reduce_rows(loss_rows, reduction, den, torch.zeros_like(den) if zero_nll and mean else None)
         grad_scale, lse_grad_scale = grad_scales(reduction, den, z_loss_scale, z_den, acc, loss.device)
         if not z_loss_scale:
             return loss, torch.zeros_like(loss), grad_scale, None
@@ -294,8 +316,7 @@ def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
     probability target the same slice; an index target holds global classes."""
     from .functional import _is_rows_view, _layout, finish, resolve_target  # functional imports this module
 
-    check_common(input, weight, label_smoothing)
-    check_llm_options(logit_scale, softcap, z_loss_scale)
+    check_common(input, weight)
     if input.dim() < 2:
         raise ValueError(
             f"vocab-parallel cross_entropy expects input of shape (N, C_local, ...), got {list(input.shape)}")
@@ -308,19 +329,19 @@ def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
     t, out_dtype, loss_shape, valid = resolve_target(input, target, weight, ignore_index, autocast, rows_view)
     inplace = inplace_backward and torch.is_grad_enabled() and input.requires_grad
     if inplace:
-        check_inplace(input)  # before any collective: every rank fails alike
+        check_inplace(input, t, weight)  # before any collective: every rank fails alike
     rows = n * math.prod(spatial)
-    offset, total = shard_of(group, n_classes, rows, input.device)
+    offset, total, agreed = shard_of(group, n_classes, rows, input.device)
     options = (ignore_index, label_smoothing, float(logit_scale), float(softcap or 0.0))
     count = torch.full((), rows, dtype=acc, device=input.device) if valid is None else valid.sum().to(acc)
 
-    reduce = reducer(reduction, weight, valid, count, z_loss_scale, acc)
+    reduce = reducer(reduction, weight, valid, count, z_loss_scale, acc, label_smoothing)
     if inplace:
         loss, z_loss, lse, pred, target_pred = InplaceVocabParallelFn.apply(
-            x3, t, weight, options, return_stats, group, offset, total, reduce)
+            x3, t, weight, options, return_stats, group, offset, total, agreed, reduce)
     else:
         loss_rows, lse, pred, target_pred, w_y_sum = VocabParallelFn.apply(
-            x3, t, weight, options, return_stats, group, offset, total)
+            x3, t, weight, options, return_stats, group, offset, total, agreed)
         loss, z_loss = reduce(loss_rows, lse, w_y_sum)[:2]
     return finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, pred, target_pred, t,
                   valid, count)

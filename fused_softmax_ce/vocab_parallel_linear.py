@@ -39,10 +39,10 @@ class VocabParallelLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, options, stats, chunk_size,
-                grad_acc_dtype, group, offset, total, reduce):
+                grad_acc_dtype, group, offset, total, agreed, reduce):
         n, device = input.shape[0], input.device
         cdt = _compute_dtype(input.dtype, device)
-        w, b, cw = _cast(cdt, linear_weight, linear_bias, weight)
+        (w, b), cw = _cast(cdt, linear_weight, linear_bias), weight  # the kernels read cw in float32
         loss_k = torch.empty(n, dtype=acc_dtype(cdt), device=device)
         lse_k = torch.empty(n, dtype=torch.float64, device=device)
         cols = torch.empty(2 if stats else 0, n, dtype=torch.float64, device=device)
@@ -57,7 +57,7 @@ class VocabParallelLinearFn(torch.autograd.Function):
                     cols[:, start:stop] = torch.stack(stat_columns(logits, t, pred, None, options, offset))
         loss_rows, lse, A_rest, pred, _, w_y_sum = combine_shards(
             loss_k, lse_k, list(cols), no_pred, no_pred, target, weight, options, group, offset, total,
-            linear_weight.shape[0])
+            linear_weight.shape[0], agreed)
         loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, A_rest, grad_scale,
                               lse_grad_scale)
@@ -75,7 +75,7 @@ class VocabParallelLinearFn(torch.autograd.Function):
         if weight is not None and ctx.needs_input_grad[4]:
             raise RuntimeError("the derivative for 'weight' is not implemented.")
         needs = ctx.needs_input_grad[:3]
-        none = (None,) * 10
+        none = (None,) * 11
         if grad_loss is None or not any(needs):
             return (None,) * 3 + none
         cdt = _compute_dtype(input.dtype, input.device)
@@ -83,7 +83,7 @@ class VocabParallelLinearFn(torch.autograd.Function):
         go = grad_loss.to(acc)  # a scalar, or per row for reduction 'none'
         g = (go * grad_scale).expand(lse.shape).contiguous()
         h = shard_grad_lse(g, A_rest, lse, None if lse_grad_scale is None else go.double() * lse_grad_scale, acc)
-        w, b, cw = _cast(cdt, linear_weight, linear_bias, weight)
+        (w, b), cw = _cast(cdt, linear_weight, linear_bias), weight  # the kernels read cw in float32
         grads = Grads(input, linear_weight, linear_bias, cdt, chunk_size, grad_acc_dtype, *needs)
         with torch.autocast(input.device.type, enabled=False):
             for start, stop, x, logits in chunks(input, w, b, cdt, chunk_size):
@@ -100,8 +100,8 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bia
     """`linear_cross_entropy(..., process_group=group)` on checked (N, H)
     input and (N,) int64 target: (loss, z_loss, lse, pred), reduced."""
     group = _group(process_group)
-    offset, total = shard_of(group, linear_weight.shape[0], input.shape[0], input.device)
+    offset, total, agreed = shard_of(group, linear_weight.shape[0], input.shape[0], input.device)
     options = (ignore_index, float(label_smoothing), float(logit_scale), float(softcap or 0.0))
-    reduce = reducer(reduction, weight, valid, count, z_loss_scale, count.dtype)
+    reduce = reducer(reduction, weight, valid, count, z_loss_scale, count.dtype, label_smoothing)
     return VocabParallelLinearFn.apply(input, linear_weight, linear_bias, target, weight, options, bool(stats),
-                                       int(chunk_size), grad_acc_dtype, group, offset, total, reduce)
+                                       int(chunk_size), grad_acc_dtype, group, offset, total, agreed, reduce)

@@ -277,3 +277,25 @@ def test_deepcopy_of_patched_model_is_patched_on_its_own():
     assert not torch.allclose(clone(**batch).loss, model(**batch).loss)
     fce_hf.revert(clone)
     assert model(**batch).logits is None  # the original is still patched
+
+
+@pytest.mark.parametrize("fused_linear", [False, True])
+@pytest.mark.parametrize("dtype, num_items_in_batch", [
+    (torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False),  # float16's sum was float32 already
+    (torch.float64, False), (torch.float64, True)], ids=str)
+def test_loss_is_float32_as_transformers(dtype, num_items_in_batch, fused_linear):
+    """Transformers computes the loss from logits.float(): a float32 loss, not
+    rounded to a half-precision model's dtype, and float32 for float64 models."""
+    ids, labels, mask = batches("cpu", steps=1)[0]
+    kwargs = dict(num_items_in_batch=(labels[:, 1:] != -100).sum()) if num_items_in_batch else {}
+    plain = make_model("llama", dtype)
+    patched = fce_hf.apply(copy.deepcopy(plain), fused_linear=fused_linear)
+    if fused_linear and dtype != torch.float64:
+        # The same logits: on the CPU, linear_cross_entropy multiplies half precision in float32.
+        head = plain.lm_head
+        head.forward = lambda h: torch.nn.functional.linear(h.float(), head.weight.float())
+    with torch.no_grad():
+        expected = plain(input_ids=ids, attention_mask=mask, labels=labels, **kwargs).loss
+        got = patched(input_ids=ids, attention_mask=mask, labels=labels, **kwargs).loss
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-5)

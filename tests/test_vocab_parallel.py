@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TOLERANCES, random_logits, random_targets
+from conftest import TOLERANCES, random_logits, random_probs, random_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 60  # every collective, and the join of the spawned group
@@ -260,7 +260,84 @@ def check_errors(sizes, rank, group):
                                        process_group=group, inplace_backward=True)
 
 
-def worker(rank, sizes, port, results):
+def check_class_weight_grad(sizes, rank, group, seed):
+    """Probability targets: this rank's slices of the target's and the class
+    weight's gradients are those of the full classes; the in-place mode,
+    which overwrites the logits they need, refuses them on every rank."""
+    import torch.nn.functional as F
+
+    import fused_softmax_ce
+
+    torch.manual_seed(seed)  # the same full problem on every rank
+    total = sum(sizes)
+    local = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    x, y = random_logits((4, total), torch.float64, "cpu"), random_probs((4, total), torch.float64, "cpu")
+    w = torch.rand(total, dtype=torch.float64) + 0.1
+    full = [t.clone().requires_grad_() for t in (x, y, w)]
+    F.cross_entropy(full[0], full[1], weight=full[2], label_smoothing=0.1).backward()
+    shard = [t.clone().requires_grad_() for t in (x[:, local], y[:, local], w[local])]
+    fused_softmax_ce.cross_entropy(shard[0], shard[1], weight=shard[2], label_smoothing=0.1,
+                                   process_group=group).backward()
+    for got, expected in zip(shard, full):
+        torch.testing.assert_close(got.grad, expected.grad[..., local], atol=1e-10, rtol=1e-10)
+    with pytest.raises(RuntimeError, match="cannot compute the gradient of weight"):
+        fused_softmax_ce.cross_entropy(shard[0] * 1, y[:, local], weight=shard[2], inplace_backward=True,
+                                       process_group=group)
+
+
+def check_linear_autocast(sizes, rank, group, seed):
+    """Under autocast the loss is float32, as PyTorch's on the full weight."""
+    import torch.nn.functional as F
+
+    import fused_softmax_ce
+
+    torch.manual_seed(seed)  # the same full problem on every rank
+    local = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    h, w = random_logits((4, 3), torch.bfloat16, "cpu"), random_logits((sum(sizes), 3), torch.float32, "cpu")
+    y = torch.randint(0, sum(sizes), (4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.linear_cross_entropy(h, w, y)
+        got = fused_softmax_ce.linear_cross_entropy(h, w[local], y, process_group=group)
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=TOLERANCES[torch.bfloat16][0], rtol=TOLERANCES[torch.bfloat16][1])
+
+
+def check_second_split(sizes, rank, group, seed):
+    """A second class split of the group in which rank 0 keeps its local
+    class count: the CPU reads the split on every call, so both splits give
+    the loss of the full classes on every rank, and none waits for the others."""
+    import torch.nn.functional as F
+
+    import fused_softmax_ce
+
+    torch.manual_seed(seed)  # the same full problem on every rank
+    for split in (sizes, [sizes[0]] + [s + 1 for s in sizes[1:]]):
+        local = slice(sum(split[:rank]), sum(split[:rank + 1]))
+        h, w = random_logits((4, 3), torch.float64, "cpu"), random_logits((sum(split), 3), torch.float64, "cpu")
+        y = torch.randint(0, sum(split), (4,))
+        expected = F.cross_entropy(h @ w.t(), y)
+        got = fused_softmax_ce.cross_entropy((h @ w.t())[:, local], y, process_group=group)
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+        got = fused_softmax_ce.linear_cross_entropy(h, w[local], y, process_group=group)
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+def check_matches_full_logits(sizes, rank, group, seed):
+    uneven = len(set(sizes)) > 1  # linear_cross_entropy runs in these groups only, to save time
+    for dtype in (torch.float64, torch.float32):
+        for seed, (kind, kw) in enumerate(CASES):
+            check_case(kind, kw, dtype, sizes, rank, group, seed)
+        for seed, kw in enumerate(LINEAR_CASES if uneven else []):
+            check_linear_case(kw, dtype, sizes, rank, group, seed)
+    check_errors(sizes, rank, group)
+    if uneven:
+        for seed, kw in enumerate(LINEAR_CASES[3:6]):  # bf16 runs its matmuls in fp32 on the CPU
+            check_linear_case(kw, torch.bfloat16, sizes, rank, group, seed)
+        check_linear_errors(sizes, rank, group)
+        check_linear_memory(sizes, rank, group)
+
+
+def worker(rank, sizes, port, results, check, seed):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -268,18 +345,7 @@ def worker(rank, sizes, port, results):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=len(sizes), timeout=datetime.timedelta(seconds=TIMEOUT_S))
         group = dist.new_group(list(range(len(sizes))), timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        uneven = len(set(sizes)) > 1  # linear_cross_entropy runs in these groups only, to save time
-        for dtype in (torch.float64, torch.float32):
-            for seed, (kind, kw) in enumerate(CASES):
-                check_case(kind, kw, dtype, sizes, rank, group, seed)
-            for seed, kw in enumerate(LINEAR_CASES if uneven else []):
-                check_linear_case(kw, dtype, sizes, rank, group, seed)
-        check_errors(sizes, rank, group)
-        if uneven:
-            for seed, kw in enumerate(LINEAR_CASES[3:6]):  # bf16 runs its matmuls in fp32 on the CPU
-                check_linear_case(kw, torch.bfloat16, sizes, rank, group, seed)
-            check_linear_errors(sizes, rank, group)
-            check_linear_memory(sizes, rank, group)
+        check(sizes, rank, group, seed)
         results.put((rank, None))
     except BaseException:
         results.put((rank, traceback.format_exc()))
@@ -288,13 +354,15 @@ def worker(rank, sizes, port, results):
             dist.destroy_process_group()
 
 
-def run_group(sizes):
+def run_group(sizes, check=check_matches_full_logits):
+    """check(sizes, rank, group, seed) on every rank of a spawned gloo group; seed is fresh, the same on every rank."""
+    seed = int(torch.randint(0, 2**31, ()))
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     env_path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env_path])
-    procs = [ctx.Process(target=worker, args=(r, sizes, port, results)) for r in range(len(sizes))]
+    procs = [ctx.Process(target=worker, args=(r, sizes, port, results, check, seed)) for r in range(len(sizes))]
     try:
         for p in procs:
             p.start()
@@ -318,6 +386,21 @@ def run_group(sizes):
 @pytest.mark.parametrize("sizes", [(5, 5), (3, 8), (4, 4, 4), (2, 7, 3)], ids=str)
 def test_vocab_parallel_matches_full_logits(sizes):
     run_group(list(sizes))
+
+
+@pytest.mark.parametrize("sizes", [(3, 5)], ids=str)
+def test_vocab_parallel_class_weight_grad(sizes):
+    run_group(list(sizes), check_class_weight_grad)
+
+
+@pytest.mark.parametrize("sizes", [(3, 5)], ids=str)
+def test_vocab_parallel_linear_autocast(sizes):
+    run_group(list(sizes), check_linear_autocast)
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (2, 3, 3)], ids=str)
+def test_second_class_split_of_a_group(sizes):
+    run_group(list(sizes), check_second_split)
 
 
 def test_example_runs_under_torchrun():

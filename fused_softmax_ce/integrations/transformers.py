@@ -105,8 +105,8 @@ def revert(model):
 class CausalLMLoss:
     """Transformers' ``ForCausalLMLoss`` computed by ``fused_softmax_ce.cross_entropy``.
 
-    Called with the same arguments and giving the same result; the logits are
-    not upcast (the loss is float32, or float64 for float64 logits). Other
+    Called with the same arguments and giving the same result, float32; the
+    logits are not upcast (no float32 copy). Other
     keyword arguments that Transformers forwards from the model call are
     ignored, as ``ForCausalLMLoss`` does.
     """
@@ -121,7 +121,7 @@ class CausalLMLoss:
         return _reduced(
             lambda reduction: fused_softmax_ce.cross_entropy(
                 logits, target, ignore_index=ignore_index, reduction=reduction, **self.options),
-            logits.dtype, num_items_in_batch,
+            logits, num_items_in_batch,
         )
 
 
@@ -132,20 +132,20 @@ def _shifted_labels(labels, shift_labels, ignore_index, device):
     return shift_labels.reshape(-1).to(device)
 
 
-def _reduced(loss_of, dtype, num_items_in_batch):
+def _reduced(loss_of, logits_or_hidden, num_items_in_batch):
     """The mean over tokens, or the sum over num_items_in_batch (the Trainer's
-    gradient accumulation), as float32 (float64 stays) like Transformers' loss.
+    gradient accumulation), in float32 like Transformers' loss, which upcasts
+    the logits (and downcasts float64 ones).
 
-    The sum is rounded once to ``dtype``, except for float16, whose sum could
-    pass 65504: there it is taken in float32 from the per-token losses.
+    Half-precision logits are not copied: autocast to their own dtype makes
+    our loss read them as they are and return its float32 accumulation,
+    unrounded, as PyTorch's cross_entropy does under autocast.
     """
-    out_dtype = torch.promote_types(dtype, torch.float32)
-    if num_items_in_batch is None:
-        return loss_of("mean").to(out_dtype)
-    if dtype == torch.float16:
-        total = loss_of("none").to(out_dtype).sum()
-    else:
-        total = loss_of("sum").to(out_dtype)
+    dtype = logits_or_hidden.dtype
+    with torch.autocast(logits_or_hidden.device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
+        if num_items_in_batch is None:
+            return loss_of("mean").to(torch.float32)
+        total = loss_of("sum").to(torch.float32)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
@@ -237,7 +237,7 @@ def _fused_forward_for(class_forward):
             lambda reduction: fused_softmax_ce.linear_cross_entropy(
                 hidden, head.weight, target, linear_bias=head.bias, ignore_index=ignore_index,
                 reduction=reduction, **options),
-            hidden.dtype, kwargs.get("num_items_in_batch"),
+            hidden, kwargs.get("num_items_in_batch"),
         )
         out = type(out)(**{**out, "loss": loss, "logits": None})
         return out if return_dict else out.to_tuple()
