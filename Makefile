@@ -52,7 +52,7 @@ bench-vocab-parallel: $(STAMP)
 # The static SASS report of the CUDA kernels for sm_90 (needs nvcc, no GPU);
 # SASS_ARGS=--check fails on a spill inside a hot loop.
 sass: build/.deps
-	$(PY) bench/sass_report.py $(SASS_ARGS)
+	$(PY) tools/sass_report.py $(SASS_ARGS)
 
 # The CUDA kernels compiled as host C++ over the CPU emulation
 # (tools/cuda_emu), in three builds: plain, ASan+UBSan, TSan. The tests
@@ -67,7 +67,7 @@ EMU_FLAGS_plain := -O2
 EMU_FLAGS_asan := -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 EMU_FLAGS_tsan := -O1 -fsanitize=thread
 EMU_TOOL := $(wildcard tools/cuda_emu/*.h tools/cuda_emu/include/*.h tools/cuda_emu/include/c10/cuda/*.h)
-EMU_KERNEL_SOURCES := $(wildcard $(EMU_CSRC)/cuda/*.cu $(EMU_CSRC)/cuda/*.h $(EMU_CSRC)/*.h)
+EMU_KERNEL_SOURCES := $(wildcard $(EMU_CSRC)/cuda/*.cu $(EMU_CSRC)/cuda/*.cuh $(EMU_CSRC)/cuda/*.h $(EMU_CSRC)/*.h)
 
 emu: $(foreach v,$(EMU_VARIANTS),$(EMU_OUT)/$(v)/driver)
 

@@ -1,11 +1,11 @@
-"""The pure-Python parts of bench/sass_report.py, on hand-written cuobjdump/ptxas text (no nvcc, no GPU)."""
+"""The pure-Python parts of tools/sass_report.py, on hand-written cuobjdump/ptxas text (no nvcc, no GPU)."""
 import importlib.util
 import pathlib
 import shutil
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "bench" / "sass_report.py"
+_PATH = pathlib.Path(__file__).resolve().parent.parent / "tools" / "sass_report.py"
 _spec = importlib.util.spec_from_file_location("sass_report", _PATH)
 sr = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sr)

@@ -1,5 +1,5 @@
 """The mutation check of the emulated CUDA tests: injects typical GPU bugs,
-one at a time, into a copy of csrc/ (kernels.cu), builds the three emulated
+one at a time, into a copy of csrc/ (its CUDA kernel files), builds the three emulated
 drivers of each copy, runs every case of tests/test_cuda_emulated.py through
 them and reports which check caught the bug: the emulation itself, ASan,
 UBSan, TSan, a launch error, or the comparison with float64 PyTorch.
@@ -23,7 +23,7 @@ import test_cuda_emulated as T  # noqa: E402
 
 OUT = ROOT / "build" / "mutants"
 
-# (name, the bug, the text in kernels.cu, its replacement)
+# (name, the bug, the text in csrc/cuda (once), its replacement)
 MUTANTS = [
     ("no_syncwarp", "the in-place warp rows' __syncwarp before their writes is missing",
      "      if constexpr (Walker::syncs_warp()) __syncwarp();\n", ""),
@@ -65,15 +65,14 @@ MUTANTS = [
 
 
 def mutate(name, old, new):
-    """A copy of csrc/ with the bug in kernels.cu; returns its directory."""
+    """A copy of csrc/ with the bug; returns its directory."""
     root = OUT / name
     shutil.rmtree(root / "csrc", ignore_errors=True)
     shutil.copytree(ROOT / "csrc", root / "csrc")
-    path = root / "csrc" / "cuda" / "kernels.cu"
-    text = path.read_text()
-    if text.count(old) != 1:
-        raise SystemExit(f"{name}: the text to mutate occurs {text.count(old)} times in kernels.cu")
-    path.write_text(text.replace(old, new))
+    hits = [p for p in sorted((root / "csrc" / "cuda").glob("*.cu*")) for _ in range(p.read_text().count(old))]
+    if len(hits) != 1:
+        raise SystemExit(f"{name}: the text to mutate occurs {len(hits)} times in csrc/cuda")
+    hits[0].write_text(hits[0].read_text().replace(old, new))
     return root
 
 

@@ -53,9 +53,9 @@ access (LDL/STL: spills) inside an element loop, and at least 2 blocks or 32
 warps resident per SM. `--check` exits 1 on a spill in an element loop (the
 CI gate); the other budgets are reported, not gated.
 
-    python bench/sass_report.py            # compile (cached in build/sass/), print, write CSV
-    python bench/sass_report.py --check    # ... and exit 1 on a spill in a hot loop
-    python bench/sass_report.py --plain    # ... printing only the plain variants (README)
+    python tools/sass_report.py            # compile (cached in build/sass/), print, write CSV
+    python tools/sass_report.py --check    # ... and exit 1 on a spill in a hot loop
+    python tools/sass_report.py --plain    # ... printing only the plain variants (README)
 """
 import argparse
 import csv
@@ -77,7 +77,8 @@ import sysconfig
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "build" / "sass"
-SOURCE = "csrc/cuda/kernels.cu"
+SOURCE = "csrc/cuda/kernels.cu"  # the translation unit; its layers are headers beside it
+KERNEL_HEADER = "csrc/cuda/row_kernels.cuh"  # the kernel families and their constants
 ARCH = "90"
 
 # Hopper (sm_90) limits per SM.
@@ -123,10 +124,10 @@ KERNELS = {
 
 # The most dynamic shared memory a kernel is launched with (its arguments a
 # as in KERNELS), counted in its resident blocks: the in-place 256-thread
-# rows keep a row of up to kRowCacheBytes (read from SOURCE) there between
+# rows keep a row of up to kRowCacheBytes (read from KERNEL_HEADER) there between
 # their two passes.
 ROW_CACHE_BYTES = math.prod(int(f) for f in re.search(
-    r"kRowCacheBytes = ([\d\s*]+);", (ROOT / SOURCE).read_text()).group(1).split("*"))
+    r"kRowCacheBytes = ([\d\s*]+);", (ROOT / KERNEL_HEADER).read_text()).group(1).split("*"))
 DYNAMIC_SMEM = {
     "rows_kernel": lambda a: ROW_CACHE_BYTES if a[1] == 256 and PHASES[a[2]] == "forward_inplace" else 0}
 
