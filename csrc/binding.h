@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "params.h"
+#include "row_options.h"
 
 namespace fsce {
 
@@ -23,11 +24,11 @@ struct Kernels {
   void (*check_targets)(const CEParams&);
 };
 
-// The per-row options every op takes (see the schemas in csrc/ops.cpp).
+// The per-row options every op takes (row_options.h); total_classes < 0:
+// the logits' class count.
 struct RowOptions {
-  int64_t ignore_index;
-  double label_smoothing, logit_scale, softcap;
-  int64_t class_offset, total_classes;  // total_classes < 0: the logits' class count
+  FSCE_ROW_OPTIONS(FSCE_OPTION_MEMBER)
+  FSCE_SHARD_OPTIONS(FSCE_OPTION_MEMBER)
 };
 
 // loss, lse, pred, target_pred (the last two empty without stats).
@@ -50,40 +51,38 @@ ForwardOutputs run_forward_inplace(const Kernels& k, const at::Tensor& logits,
 
 void run_scale_grad(const Kernels& k, const at::Tensor& grad, const at::Tensor& grad_output);
 
+// The RowOptions of an entry point's parameters.
+#define FSCE_ROW_OPTION_VALUES \
+  RowOptions { FSCE_ROW_OPTIONS(FSCE_OPTION_VALUE) FSCE_SHARD_OPTIONS(FSCE_OPTION_VALUE) }
+
 // The op entry points of one backend: its kernels, and a guard constructed
 // from the logits' device around every call (CUDA's device guard, or nothing).
 template <const Kernels* K, typename Guard>
 struct BackendOps {
   static ForwardOutputs forward(const at::Tensor& logits, const at::Tensor& target,
-                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                double label_smoothing, double logit_scale, double softcap,
-                                bool stats, int64_t class_offset, int64_t total_classes) {
+                                const std::optional<at::Tensor>& weight FSCE_ROW_OPTIONS(FSCE_OPTION_PARAM),
+                                bool stats FSCE_SHARD_OPTIONS(FSCE_OPTION_PARAM)) {
     Guard guard(logits.device());
-    return run_forward(*K, logits, target, weight,
-                       {ignore_index, label_smoothing, logit_scale, softcap, class_offset, total_classes},
-                       stats);
+    return run_forward(*K, logits, target, weight, FSCE_ROW_OPTION_VALUES, stats);
   }
 
   static at::Tensor backward(const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_lse,
                              const at::Tensor& logits, const at::Tensor& target,
-                             const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                             int64_t ignore_index, double label_smoothing, double logit_scale,
-                             double softcap, int64_t class_offset, int64_t total_classes) {
+                             const std::optional<at::Tensor>& weight,
+                             const at::Tensor& lse FSCE_ROW_OPTIONS(FSCE_OPTION_PARAM)
+                                 FSCE_SHARD_OPTIONS(FSCE_OPTION_PARAM)) {
     Guard guard(logits.device());
-    return run_backward(*K, grad_output, grad_lse, logits, target, weight, lse,
-                        {ignore_index, label_smoothing, logit_scale, softcap, class_offset, total_classes});
+    return run_backward(*K, grad_output, grad_lse, logits, target, weight, lse, FSCE_ROW_OPTION_VALUES);
   }
 
   static ForwardOutputs forward_inplace(const at::Tensor& logits, const at::Tensor& target,
                                         const std::optional<at::Tensor>& weight,
-                                        const at::Tensor& grad_scale, int64_t ignore_index,
-                                        double label_smoothing, double logit_scale, double softcap,
-                                        const std::optional<at::Tensor>& lse_grad_scale, bool stats,
-                                        int64_t class_offset, int64_t total_classes) {
+                                        const at::Tensor& grad_scale FSCE_ROW_OPTIONS(FSCE_OPTION_PARAM),
+                                        const std::optional<at::Tensor>& lse_grad_scale,
+                                        bool stats FSCE_SHARD_OPTIONS(FSCE_OPTION_PARAM)) {
     Guard guard(logits.device());
-    return run_forward_inplace(
-        *K, logits, target, weight, grad_scale, lse_grad_scale,
-        {ignore_index, label_smoothing, logit_scale, softcap, class_offset, total_classes}, stats);
+    return run_forward_inplace(*K, logits, target, weight, grad_scale, lse_grad_scale, FSCE_ROW_OPTION_VALUES,
+                               stats);
   }
 
   static void scale_grad(const at::Tensor& grad, const at::Tensor& grad_output) {

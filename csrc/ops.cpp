@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "launch_plan.h"
+#include "row_options.h"
 
 namespace {
 
@@ -27,14 +28,9 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module);
 }
 
-// Every row op takes the same options after its tensors: ignore_index,
-// label_smoothing, logit_scale and softcap (the logit
-// transform, softcap 0 for none), and the vocab-parallel shard
-// (class_offset, total_classes; -1 for the logits' own class count).
-#define FSCE_ROW_OPTIONS                                                    \
-  "int ignore_index, float label_smoothing, float logit_scale=1.0, "     \
-  "float softcap=0.0, "
-#define FSCE_SHARD "int class_offset=0, int total_classes=-1"
+// Every row op takes the options of row_options.h after its tensors.
+#define FSCE_ROW FSCE_ROW_OPTIONS(FSCE_OPTION_SCHEMA)
+#define FSCE_SHARD FSCE_SHARD_OPTIONS(FSCE_OPTION_SCHEMA)
 
 TORCH_LIBRARY(fused_softmax_ce, m) {
   // logits (N, C) or (N, C, S); target int64 (N*S,) or probabilities shaped
@@ -42,16 +38,15 @@ TORCH_LIBRARY(fused_softmax_ce, m) {
   // the log-sum-exp in fp64 (all the backward keeps of the row), and with
   // stats the first argmax of the effective logits and of a probability
   // target (int64, empty without stats).
-  m.def("ce_forward(Tensor logits, Tensor target, Tensor? weight, " FSCE_ROW_OPTIONS
-        "bool stats=False, " FSCE_SHARD ") -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("ce_forward(Tensor logits, Tensor target, Tensor? weight" FSCE_ROW ", bool stats=False" FSCE_SHARD
+        ") -> (Tensor, Tensor, Tensor, Tensor)");
   // dloss/dlogits for upstream gradients of the loss and (optionally) the lse.
   m.def("ce_backward(Tensor grad_output, Tensor? grad_lse, Tensor logits, Tensor target, "
-        "Tensor? weight, Tensor lse, " FSCE_ROW_OPTIONS FSCE_SHARD ") -> Tensor");
+        "Tensor? weight, Tensor lse" FSCE_ROW FSCE_SHARD ") -> Tensor");
   // Writes grad_scale * dloss/dlogits (+ lse_grad_scale * lse * softmax, the
   // z-loss) into logits; returns what ce_forward returns.
-  m.def("ce_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor grad_scale, "
-        FSCE_ROW_OPTIONS "Tensor? lse_grad_scale=None, bool stats=False, " FSCE_SHARD
-        ") -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("ce_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor grad_scale"
+        FSCE_ROW ", Tensor? lse_grad_scale=None, bool stats=False" FSCE_SHARD ") -> (Tensor, Tensor, Tensor, Tensor)");
   // grad *= grad_output, per row; free when grad_output is the scalar 1.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
   m.def("_launch_plan(int rows, int classes, int inner, bool prob_target, int sm_count) -> int[]",
