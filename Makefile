@@ -7,6 +7,9 @@ TRANSFORMERS_SPEC ?= transformers==5.23.0
 DEPS := $(TORCH_SPEC) ninja pybind11 pytest numpy matplotlib $(TRANSFORMERS_SPEC)
 export CUDA_HOME ?= /usr/local/cuda
 
+# The extension and the emulated CUDA drivers (make emu) build side by side.
+MAKEFLAGS += -j2
+
 ifdef VIRTUAL_ENV
 PY := python
 else

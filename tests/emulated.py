@@ -39,7 +39,7 @@ DEVICES = ((132, 228 * 1024, 227 * 1024), (4, 228 * 1024, 227 * 1024), (1, 228 *
 
 def build(csrc=None, out=None, variants=VARIANTS):
     """Builds the drivers with make (a no-op when they are up to date)."""
-    args = ["make", "-s", "-j2", "-C", str(ROOT), "emu", "EMU_VARIANTS=" + " ".join(variants)]
+    args = ["make", "-s", "-C", str(ROOT), "emu", "EMU_VARIANTS=" + " ".join(variants)]
     if csrc:
         args.append(f"EMU_CSRC={csrc}")
     args.append(f"EMU_OUT={out or EMU_OUT}")
