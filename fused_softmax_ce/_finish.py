@@ -5,6 +5,22 @@ from typing import NamedTuple
 import torch
 
 
+class RowStats(NamedTuple):
+    """The ops' per-row statistics: their outputs after (loss, lse), in that
+    order, empty without stats. pred: the first argmax of the effective
+    logits; target_pred: that of a probability target (empty for class
+    indices). Every path passes them on as one sequence; `finish` and the
+    vocab-parallel combination (parallel/shards.py) are what read them."""
+
+    pred: torch.Tensor
+    target_pred: torch.Tensor
+
+    @classmethod
+    def no_classes(cls, rows):
+        """The statistics of rows without classes (no kernel runs), like the float vector rows."""
+        return cls(*(torch.zeros_like(rows, dtype=torch.long) for _ in cls._fields))
+
+
 class CrossEntropyStats(NamedTuple):
     """What `cross_entropy(..., return_stats=True)` returns.
 
@@ -22,17 +38,17 @@ class CrossEntropyStats(NamedTuple):
     accuracy: torch.Tensor
 
 
-def finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, pred, target_pred, t, valid,
-           count):
-    """The loss in its output dtype and shape, or the CrossEntropyStats with
-    the accuracy of pred over the rows not ignored (`count` of them): against
-    the index target t, or for probability targets (valid None) against
-    their argmax target_pred."""
+def finish(loss, z_loss, lse, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid, count):
+    """The loss in its output dtype and shape, or the CrossEntropyStats from
+    the `RowStats` fields in row_stats: the accuracy of pred over the rows not
+    ignored (`count` of them), against the index target t, or for probability
+    targets (valid None) against their argmax target_pred."""
     if reduction == "none":
         loss, z_loss = loss.reshape(loss_shape), z_loss.reshape(loss_shape)
     loss = loss.to(out_dtype)
     if not return_stats:
         return loss
+    pred, target_pred = RowStats(*row_stats)
     with torch.no_grad():
         hits = pred == (target_pred if valid is None else t)
         if valid is not None:

@@ -14,12 +14,12 @@ def under_functorch(t):
 
 
 class InplaceFn(torch.autograd.Function):
-    """Returns (loss, z_loss, lse, pred, target_pred); only `loss` is differentiable."""
+    """Returns (loss, z_loss, lse, *the row statistics); only `loss` is differentiable."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, grad_scale, lse_grad_scale, options, stats, reduction,
                 denominator, valid, z_denominator, nll_sum):
-        loss_rows, lse, pred, target_pred = ops.ce_forward_inplace(
+        loss_rows, lse, *row_stats = ops.ce_forward_inplace(
             logits, target, weight, grad_scale, *options.op_args(), lse_grad_scale, stats)
         # Custom C++ ops do not bump the version counter; doing it here makes
         # autograd raise if anything saved the logits for its own backward.
@@ -34,8 +34,8 @@ class InplaceFn(torch.autograd.Function):
             loss = loss + z_loss
         else:
             z_loss = torch.zeros_like(loss)
-        ctx.mark_non_differentiable(pred, target_pred)
-        return loss, z_loss, lse, pred, target_pred
+        ctx.mark_non_differentiable(*row_stats)
+        return loss, z_loss, lse, *row_stats
 
     @staticmethod
     def backward(ctx, grad_output, grad_z_loss, grad_lse, *_):

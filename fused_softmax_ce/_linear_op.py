@@ -14,7 +14,7 @@ from .options import LossOptions
 
 
 def _chunk_loss(logits, target, weight, grad_scale, lse_grad_scale, options, stats, write_grad):
-    """(loss, lse, pred) per row of one chunk of logits.
+    """(loss, lse, *the row statistics) per row of one chunk of logits.
 
     With ``write_grad`` the logits are overwritten by grad_scale * dloss/dlogits
     (+ lse_grad_scale * lse * softmax, the z-loss). The single-process
@@ -25,7 +25,7 @@ def _chunk_loss(logits, target, weight, grad_scale, lse_grad_scale, options, sta
         out = ops.ce_forward_inplace(logits, target, weight, grad_scale, *options.op_args(), lse_grad_scale, stats)
     else:
         out = ops.ce_forward(logits, target, weight, *options.op_args(), stats)
-    return out[:3]
+    return out
 
 
 @torch.library.custom_op("fused_softmax_ce::linear_ce", mutates_args=())
@@ -50,12 +50,13 @@ def linear_ce(
     need_input_grad: bool,
     need_weight_grad: bool,
     need_bias_grad: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss (reduced, or per row for 'none'; z-loss included) and, where asked
     for, the gradients grad_scale * (row_scale *) d loss / d (input,
     linear_weight, linear_bias) (empty tensors stand for gradients not asked
-    for); then the z-loss term, the per-row lse (float64) and, with stats, the
-    per-row argmax (else empty).
+    for); then the z-loss term, the per-row lse (float64) and the row
+    statistics as the ce ops return them: with stats the per-row argmax (else
+    empty), and an empty probability-target argmax.
 
     input (N, H), linear_weight (V, H), target (N,) int64, linear_bias (V,);
     grad_scale is one element of the accumulation dtype, row_scale (N,) or None;
@@ -119,7 +120,8 @@ def _linear_ce_impl(input, linear_weight, target, linear_bias, weight, grad_scal
         if v_y is not None:  # grad_scale is 1 / sum(w_y): inf where that is 0
             nll = smoothed_nll_sum(v_y, lse, target, weight, valid, options.label_smoothing).to(acc)
             out = torch.where(grad_scale.isinf(), nll * grad_scale + (total - nll) * grad_scale, out)
-    return out + z_loss, grad_input, grad_w, grad_b, z_loss, lse, pred
+    # The row statistics as the ce ops return them: no probability target here.
+    return out + z_loss, grad_input, grad_w, grad_b, z_loss, lse, pred, pred.new_empty(0)
 
 
 @linear_ce.register_fake
@@ -136,7 +138,8 @@ def _(input, linear_weight, target, linear_bias, weight, grad_scale, row_scale, 
             torch.empty_like(linear_bias) if need_bias_grad else input.new_empty(0),
             torch.empty_like(out),
             input.new_empty(n, dtype=torch.float64),
-            input.new_empty(n if stats else 0, dtype=torch.long))
+            input.new_empty(n if stats else 0, dtype=torch.long),
+            input.new_empty(0, dtype=torch.long))
 
 
 def _setup_context(ctx, inputs, output):

@@ -32,10 +32,16 @@ def _forward_outputs(logits, target, stats):
     )
 
 
+def _stats_flag(args, kwargs, position):
+    """The ops' `stats` argument: `position` in what follows their options
+    (the flat arguments after their tensors), or its keyword, else False."""
+    _, rest = LossOptions.split_op_args(args)
+    return rest[position] if len(rest) > position else kwargs.get("stats", False)
+
+
 @torch.library.register_fake("fused_softmax_ce::ce_forward")
-def _ce_forward_fake(logits, target, weight, ignore_index, label_smoothing, logit_scale=1.0, softcap=0.0,
-                     stats=False, class_offset=0, total_classes=-1):
-    return _forward_outputs(logits, target, stats)
+def _ce_forward_fake(logits, target, weight, *args, **kwargs):
+    return _forward_outputs(logits, target, _stats_flag(args, kwargs, 0))
 
 
 def _blocks_contiguous(x):
@@ -46,7 +52,7 @@ def _blocks_contiguous(x):
 
 
 @torch.library.register_fake("fused_softmax_ce::ce_backward")
-def _ce_backward_fake(grad_output, grad_lse, logits, target, weight, lse, *options):
+def _ce_backward_fake(grad_output, grad_lse, logits, target, weight, lse, *_args, **_kwargs):
     # binding.cpp's gradient_like, on the logits in block layout (a contiguous
     # copy when they are not): for row-padded logits, the outer stride and the
     # storage offset are theirs modulo 16 bytes.
@@ -62,10 +68,8 @@ def _ce_backward_fake(grad_output, grad_lse, logits, target, weight, lse, *optio
 
 
 @torch.library.register_fake("fused_softmax_ce::ce_forward_inplace")
-def _ce_forward_inplace_fake(logits, target, weight, grad_scale, ignore_index, label_smoothing,
-                             logit_scale=1.0, softcap=0.0, lse_grad_scale=None, stats=False,
-                             class_offset=0, total_classes=-1):
-    return _forward_outputs(logits, target, stats)
+def _ce_forward_inplace_fake(logits, target, weight, grad_scale, *args, **kwargs):
+    return _forward_outputs(logits, target, _stats_flag(args, kwargs, 1))  # after lse_grad_scale
 
 
 @torch.library.register_fake("fused_softmax_ce::scale_grad_")
@@ -293,7 +297,7 @@ class BackwardFn(torch.autograd.Function):
 
 
 def cross_entropy_rows(logits, target, weight, options, stats):
-    """(loss, lse, pred, target_pred) per row, differentiable, for a
+    """(loss, lse, *the row statistics) per row, differentiable, for a
     `LossOptions`; the op itself under torch.compile."""
     if torch.compiler.is_compiling():
         return ops.ce_forward(logits, target, weight, *options.op_args(), stats)

@@ -6,7 +6,7 @@ from torch.nn import _reduction as _Reduction
 
 from ._checks import check_common, check_inplace, check_zero_dim_input
 from ._derivatives import acc_dtype
-from ._finish import finish
+from ._finish import RowStats, finish
 from ._inplace import inplace_cross_entropy
 from ._layout import is_rows_view, layout, resolve_target
 from ._ops import cross_entropy_rows
@@ -100,17 +100,17 @@ def cross_entropy(
         # -sum over no classes: PyTorch's zeros, and nothing for a kernel to do.
         loss_rows = x3.sum(1).reshape(-1).to(acc)
         lse = torch.full_like(loss_rows, -math.inf, dtype=torch.float64)
-        pred = target_pred = torch.zeros_like(loss_rows, dtype=torch.long)
+        row_stats = RowStats.no_classes(loss_rows)
         loss = reduce_rows(loss_rows, reduction, denominator)
         z_loss = torch.zeros_like(loss)
     elif inplace:
         grad_scale, lse_grad_scale = grad_scales(reduction, denominator, z_loss_scale, z_denominator, acc,
                                                  input.device)
-        loss, z_loss, lse, pred, target_pred = inplace_cross_entropy(
+        loss, z_loss, lse, *row_stats = inplace_cross_entropy(
             x3, t, weight, grad_scale, lse_grad_scale, options, return_stats, reduction,
             denominator, valid, z_denominator, nll_sum)
     else:
-        loss_rows, lse, pred, target_pred = cross_entropy_rows(x3, t, weight, options, return_stats)
+        loss_rows, lse, *row_stats = cross_entropy_rows(x3, t, weight, options, return_stats)
         loss = reduce_rows(loss_rows, reduction, denominator, nll_sum(lse))
         if z_loss_scale:
             # A composition over the differentiable lse: its gradient reaches
@@ -120,5 +120,4 @@ def cross_entropy(
         else:
             z_loss = torch.zeros_like(loss)
 
-    return finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, pred, target_pred, t,
-                  valid, count)
+    return finish(loss, z_loss, lse, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid, count)

@@ -180,7 +180,7 @@ def linear_cross_entropy(
     count = valid.sum().to(acc)
     grad_on = torch.is_grad_enabled()
     if process_group is not None:
-        loss, z_loss, lse, pred = vocab_parallel_linear_cross_entropy(
+        loss, z_loss, lse, *row_stats = vocab_parallel_linear_cross_entropy(
             x, linear_weight, t, linear_bias, weight, reduction, options, return_stats, chunk_size, grad_acc_dtype,
             valid, count, process_group)
     else:
@@ -188,10 +188,10 @@ def linear_cross_entropy(
         scale, lse_grad_scale = grad_scales(reduction, denominator, options.z_loss_scale, count, acc, x.device)
         need = [grad_on and reduction != "none" and p is not None and p.requires_grad
                 for p in (x, linear_weight, linear_bias)]
-        loss, _, _, _, z_loss, lse, pred = linear_ce(
+        loss, _, _, _, z_loss, lse, *row_stats = linear_ce(
             x, linear_weight, t, linear_bias, weight, scale, None, reduction, *options.op_args(), lse_grad_scale,
             bool(return_stats), int(chunk_size), grad_acc_dtype, *need)
-    out = finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, pred, None, t, valid, count)
+    out = finish(loss, z_loss, lse, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid, count)
     differentiable = grad_on and any(p is not None and p.requires_grad for p in (x, linear_weight, linear_bias))
     if return_stats and differentiable:
         out = out._replace(z_loss=_StatisticOnly.apply(out.z_loss, out.loss),

@@ -20,27 +20,27 @@ INPLACE_CHUNK = 1 << 22
 
 def _gather_rows(x3, target, weight, options, stats, group, shard, agreed):
     """Runs the shard's forward, then `combine_shards`."""
-    loss_k, lse_k, pred, target_pred = ops.ce_forward(x3, target, weight, *options.op_args(), stats, *shard)
-    cols = stat_columns(x3, target, pred, target_pred, options, shard) if stats else []
-    return combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, options, group, shard,
-                          x3.shape[1], agreed)
+    loss_k, lse_k, *row_stats = ops.ce_forward(x3, target, weight, *options.op_args(), stats, *shard)
+    cols = stat_columns(x3, target, row_stats, options, shard) if stats else []
+    return combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, group, shard, x3.shape[1],
+                          agreed)
 
 
 class VocabParallelFn(torch.autograd.Function):
-    """(loss_rows, lse, pred, target_pred, w_y_sum) of the global rows; the
+    """(loss_rows, lse, w_y_sum, *the row statistics) of the global rows; the
     gradient reaches this rank's logits and probability-target shard."""
 
     @staticmethod
     def forward(ctx, x3, target, weight, options, stats, group, shard, agreed):
-        loss, lse, A_rest, pred, target_pred, w_y_sum = _gather_rows(
+        loss, lse, A_rest, w_y_sum, row_stats = _gather_rows(
             x3, target, weight, options, stats, group, shard, agreed)
         ctx.save_for_backward(x3, target, weight, lse, A_rest)
         ctx.options, ctx.shard = options, shard
-        ctx.mark_non_differentiable(pred, target_pred)
+        ctx.mark_non_differentiable(*row_stats)
         if w_y_sum is not None:
             ctx.mark_non_differentiable(w_y_sum)
         ctx.set_materialize_grads(False)
-        return loss, lse, pred, target_pred, w_y_sum
+        return loss, lse, w_y_sum, *row_stats
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, *_):
@@ -76,11 +76,11 @@ class InplaceVocabParallelFn(torch.autograd.Function):
     """In-place mode on a shard: the forward writes the gradient of the
     reduced loss (z-loss included) into the logits' storage, exactly, with
     the global lse, in row chunks; the backward only rescales it. Returns
-    (loss, z_loss, lse, pred, target_pred); only `loss` is differentiable."""
+    (loss, z_loss, lse, *the row statistics); only `loss` is differentiable."""
 
     @staticmethod
     def forward(ctx, x3, target, weight, options, stats, group, shard, agreed, reduce):
-        loss_rows, lse, A_rest, pred, target_pred, w_y_sum = _gather_rows(
+        loss_rows, lse, A_rest, w_y_sum, row_stats = _gather_rows(
             x3, target, weight, options, stats, group, shard, agreed)
         loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum)
         acc = acc_dtype(x3.dtype)
@@ -96,9 +96,9 @@ class InplaceVocabParallelFn(torch.autograd.Function):
         torch.autograd.graph.increment_version(x3)
         ctx.save_for_backward(x3)
         ctx.backward_done = False
-        ctx.mark_non_differentiable(z_loss, lse, pred, target_pred)
+        ctx.mark_non_differentiable(z_loss, lse, *row_stats)
         ctx.set_materialize_grads(False)
-        return loss, z_loss, lse, pred, target_pred
+        return loss, z_loss, lse, *row_stats
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -133,11 +133,10 @@ def vocab_parallel_cross_entropy(input, target, weight, reduction, options, inpl
 
     reduce = reducer(reduction, weight, valid, count, options, acc)
     if inplace:
-        loss, z_loss, lse, pred, target_pred = InplaceVocabParallelFn.apply(
+        loss, z_loss, lse, *row_stats = InplaceVocabParallelFn.apply(
             x3, t, weight, options, return_stats, group, shard, agreed, reduce)
     else:
-        loss_rows, lse, pred, target_pred, w_y_sum = VocabParallelFn.apply(
+        loss_rows, lse, w_y_sum, *row_stats = VocabParallelFn.apply(
             x3, t, weight, options, return_stats, group, shard, agreed)
         loss, z_loss = reduce(loss_rows, lse, w_y_sum)[:2]
-    return finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, pred, target_pred, t,
-                  valid, count)
+    return finish(loss, z_loss, lse, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid, count)

@@ -29,12 +29,13 @@ call per (group, shard size).
 import torch
 
 from .._chunks import Grads, cast, chunks, compute_dtype
+from .._finish import RowStats
 from .._ops import acc_dtype, ops
 from .shards import combine_shards, group_of, reducer, refuse_create_graph, shard_grad_lse, shard_of, stat_columns
 
 
 class VocabParallelLinearFn(torch.autograd.Function):
-    """(loss, z_loss, lse, pred) of the global rows; only `loss` is differentiable."""
+    """(loss, z_loss, lse, *the row statistics) of the global rows; only `loss` is differentiable."""
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, options, stats, chunk_size,
@@ -44,26 +45,27 @@ class VocabParallelLinearFn(torch.autograd.Function):
         (w, b), cw = cast(cdt, linear_weight, linear_bias), weight  # the kernels read cw in float32
         loss_k = torch.empty(n, dtype=acc_dtype(cdt), device=device)
         lse_k = torch.empty(n, dtype=torch.float64, device=device)
-        cols = torch.empty(2 if stats else 0, n, dtype=torch.float64, device=device)
-        no_pred = torch.empty(0, dtype=torch.long, device=device)
+        cols = []
         # The matmuls run in cdt as chosen here, not in an enclosing autocast's dtype.
         with torch.autocast(device.type, enabled=False):
             for start, stop, _x, logits in chunks(input, w, b, cdt, chunk_size):
                 t = target[start:stop]
-                loss_k[start:stop], lse_k[start:stop], pred, _target_pred = ops.ce_forward(
+                loss_k[start:stop], lse_k[start:stop], *row_stats = ops.ce_forward(
                     logits, t, cw, *options.op_args(), stats, *shard)
                 if stats:
-                    cols[:, start:stop] = torch.stack(stat_columns(logits, t, pred, None, options, shard))
-        loss_rows, lse, A_rest, pred, _, w_y_sum = combine_shards(
-            loss_k, lse_k, list(cols), no_pred, no_pred, target, weight, options, group, shard,
-            linear_weight.shape[0], agreed)
+                    cols.append(torch.stack(stat_columns(logits, t, row_stats, options, shard)))
+        # The per-row values come out of the all_gather; none pass through.
+        no_stats = [torch.empty(0, dtype=torch.long, device=device) for _ in RowStats._fields]
+        loss_rows, lse, A_rest, w_y_sum, row_stats = combine_shards(
+            loss_k, lse_k, list(torch.cat(cols, 1)) if cols else [], no_stats, target, weight, options, group,
+            shard, linear_weight.shape[0], agreed)
         loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, A_rest, grad_scale,
                               lse_grad_scale)
         ctx.options, ctx.shard, ctx.args = options, shard, (chunk_size, grad_acc_dtype)
-        ctx.mark_non_differentiable(z_loss, lse, pred)
+        ctx.mark_non_differentiable(z_loss, lse, *row_stats)
         ctx.set_materialize_grads(False)
-        return loss, z_loss, lse, pred
+        return loss, z_loss, lse, *row_stats
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -96,7 +98,7 @@ class VocabParallelLinearFn(torch.autograd.Function):
 def vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, options,
                                         stats, chunk_size, grad_acc_dtype, valid, count, process_group):
     """`linear_cross_entropy(..., process_group=group)` on checked (N, H)
-    input, (N,) int64 target and `LossOptions`: (loss, z_loss, lse, pred), reduced."""
+    input, (N,) int64 target and `LossOptions`: (loss, z_loss, lse, *the row statistics), reduced."""
     group = group_of(process_group)
     shard, agreed = shard_of(group, linear_weight.shape[0], input.shape[0], input.device)
     reduce = reducer(reduction, weight, valid, count, options, count.dtype)

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _derivatives as D
+from .._finish import RowStats
 from .._reduction import grad_scales, reduce_rows, z_loss_rows
 from ..options import Shard
 
@@ -117,10 +118,12 @@ def _value_at(x3, index, options):
     return D.effective_logits(x3.gather(1, idx), options).reshape(-1).double()
 
 
-def stat_columns(x3, target, pred, target_pred, options, shard):
-    """The per-row values the stats gather (float64): the shard's max effective
-    logit and its argmax, and for probability targets the target's."""
+def stat_columns(x3, target, row_stats, options, shard):
+    """The per-row values the stats gather (float64), from the shard's
+    `RowStats`: its max effective logit and its argmax, and for probability
+    targets the target's."""
     offset = shard.class_offset
+    pred, target_pred = RowStats(*row_stats)
     cols = [_value_at(x3, pred - offset, options), pred.double()]
     if target.is_floating_point():
         t_max = target.gather(1, (target_pred - offset).reshape(D.row_shape(x3))).reshape(-1)
@@ -128,11 +131,11 @@ def stat_columns(x3, target, pred, target_pred, options, shard):
     return cols
 
 
-def combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, options, group, shard, n_classes,
-                   agreed):
+def combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, group, shard, n_classes, agreed):
     """The all_gather of the shard's per-row (lse_k, L_k, A_k) and stat
-    columns: (loss_rows, lse, A - A_k, pred, target_pred, sum of w_y or
-    None), all global; pred and target_pred pass through without stats."""
+    columns: (loss_rows, lse, A - A_k, sum of w_y or None, `RowStats`), all
+    global; the row statistics pass through without stats."""
+    pred, target_pred = RowStats(*row_stats)
     A_k, w_y = _shard_coefficient(target, weight, options, shard, n_classes)
     # (L_k, A_k) travel in the accumulation type, the kernels' own precision:
     # for float32 the pair is one float64 slot. lse_k and the stats are float64.
@@ -166,7 +169,7 @@ def combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, optio
         if target.is_floating_point():
             target_pred = _first_max(per_row[:, 2], per_row[:, 3]).long()
     w_y_sum = every[:, -1].sum() if extra else None
-    return loss, lse, A_rest, pred, target_pred, w_y_sum
+    return loss, lse, A_rest, w_y_sum, RowStats(pred, target_pred)
 
 
 def shard_grad_lse(g, A_rest, lse, lse_grad, acc):
