@@ -57,7 +57,6 @@ def cross_entropy(
     if process_group is not None:
         return vocab_parallel_cross_entropy(input, target, weight, reduction, options, inplace_backward,
                                             return_stats, process_group)
-    ignore_index, label_smoothing, z_loss_scale = options.ignore_index, options.label_smoothing, options.z_loss_scale
     if input.dim() == 0:
         check_zero_dim_input(input, target)
     check_common(input, weight)
@@ -74,7 +73,8 @@ def cross_entropy(
     x3 = layout(x, rows_view)
 
     prob = target.shape == input.shape
-    t, out_dtype, loss_shape, valid = resolve_target(input, target, weight, ignore_index, autocast, rows_view)
+    t, out_dtype, loss_shape, valid = resolve_target(input, target, weight, options.ignore_index, autocast,
+                                                     rows_view)
     inplace = inplace_backward and torch.is_grad_enabled() and input.requires_grad
     if inplace:
         check_inplace(input, t, weight)
@@ -87,14 +87,14 @@ def cross_entropy(
     else:
         denominator = None
         if reduction == "mean":  # only the mean needs sum(w_y) over rows not ignored
-            denominator = mean_denominator(t, weight, ignore_index, n_classes, acc)
-            if weight is not None and label_smoothing:
+            denominator = mean_denominator(t, weight, options.ignore_index, n_classes, acc)
+            if weight is not None and options.label_smoothing:
                 v_y = target_logits(x3, t, valid, options)
-        count = valid.sum().to(acc) if (z_loss_scale or return_stats) else None
+        count = valid.sum().to(acc) if (options.z_loss_scale or return_stats) else None
     z_denominator = count if reduction == "mean" else None
 
     def nll_sum(lse):
-        return None if v_y is None else smoothed_nll_sum(v_y, lse, t, weight, valid, label_smoothing)
+        return None if v_y is None else smoothed_nll_sum(v_y, lse, t, weight, valid, options.label_smoothing)
 
     if n_classes == 0 and prob:
         # -sum over no classes: PyTorch's zeros, and nothing for a kernel to do.
@@ -104,18 +104,18 @@ def cross_entropy(
         loss = reduce_rows(loss_rows, reduction, denominator)
         z_loss = torch.zeros_like(loss)
     elif inplace:
-        grad_scale, lse_grad_scale = grad_scales(reduction, denominator, z_loss_scale, z_denominator, acc,
-                                                 input.device)
+        grad_scale, lse_grad_scale = grad_scales(reduction, denominator, options.z_loss_scale, z_denominator,
+                                                 acc, input.device)
         loss, z_loss, lse, *row_stats = inplace_cross_entropy(
             x3, t, weight, grad_scale, lse_grad_scale, options, return_stats, reduction,
             denominator, valid, z_denominator, nll_sum)
     else:
         loss_rows, lse, *row_stats = cross_entropy_rows(x3, t, weight, options, return_stats)
         loss = reduce_rows(loss_rows, reduction, denominator, nll_sum(lse))
-        if z_loss_scale:
+        if options.z_loss_scale:
             # A composition over the differentiable lse: its gradient reaches
             # the backward kernel as grad_lse, with no extra pass.
-            z_loss = reduce_rows(z_loss_rows(lse, valid, z_loss_scale, acc), reduction, z_denominator)
+            z_loss = reduce_rows(z_loss_rows(lse, valid, options.z_loss_scale, acc), reduction, z_denominator)
             loss = loss + z_loss
         else:
             z_loss = torch.zeros_like(loss)
