@@ -1,7 +1,8 @@
 """Fused softmax cross-entropy for PyTorch, a drop-in for `F.cross_entropy`."""
-from .functional import CrossEntropyStats, cross_entropy
-from .module import CrossEntropyLoss
-from .linear import LinearCrossEntropyLoss, linear_cross_entropy
+from ._finish import CrossEntropyStats
+from .functional import cross_entropy
+from .linear import linear_cross_entropy
+from .module import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "CrossEntropyStats", "linear_cross_entropy",
            "LinearCrossEntropyLoss"]

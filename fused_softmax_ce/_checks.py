@@ -1,6 +1,4 @@
 """Argument checks with PyTorch's exception types and messages."""
-import numbers
-
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -68,15 +66,6 @@ def check_common(input, weight):
             )
 
 
-def label_smoothing_value(label_smoothing):
-    """The smoothing in effect, as a float: PyTorch refuses only values over 1,
-    and smooths only for values over 0 (a negative or nan one is no smoothing)."""
-    label_smoothing = float(label_smoothing)
-    if label_smoothing > 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    return label_smoothing if label_smoothing > 0.0 else 0.0
-
-
 def check_class_weight_shape(weight, n_classes):
     if weight.dim() != 1 or weight.numel() != n_classes:
         raise RuntimeError(
@@ -130,34 +119,3 @@ def check_weight_not_differentiable(weight):
             "The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
             "This input cannot have requires_grad True."
         )
-
-
-def llm_option_values(logit_scale, softcap, z_loss_scale):
-    """The options as floats (softcap 0.0 for None), checked. Numbers, numpy
-    scalars and 0-d tensors without grad are accepted; the kernels take them
-    as constants, so a tensor that requires grad is refused rather than left
-    without a gradient."""
-    def number(name, value):
-        if torch.is_tensor(value):
-            if value.dim() != 0 or value.requires_grad or not (value.is_floating_point() or value.dtype == torch.long):
-                raise ValueError(f"{name} must be a number or a 0-d tensor without grad, got a tensor of shape "
-                                f"{list(value.shape)}, dtype {value.dtype}, requires_grad={value.requires_grad}")
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        return float(value)
-
-    def finite(value):
-        return value - value == 0  # not inf, not nan (math.isfinite breaks torch.compile's graph)
-
-    logit_scale = number("logit_scale", logit_scale)
-    if not finite(logit_scale) or logit_scale <= 0:
-        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
-    if softcap is not None:
-        softcap = number("softcap", softcap)
-        if not finite(softcap) or softcap <= 0:
-            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    z_loss_scale = number("z_loss_scale", z_loss_scale)
-    if not finite(z_loss_scale) or z_loss_scale < 0:
-        raise ValueError(f"z_loss_scale must be a finite number >= 0, got {z_loss_scale!r}")
-    return logit_scale, softcap or 0.0, z_loss_scale

@@ -90,12 +90,13 @@ def logits_grad(terms, g, h):
     return out
 
 
-def effective_logits(logits, logit_scale, softcap):
-    """v = logit_scale * z, then softcap * tanh(v / softcap): what the kernels see."""
-    if logit_scale == 1.0 and not softcap:
+def effective_logits(logits, options):
+    """v = logit_scale * z, then softcap * tanh(v / softcap): what the kernels
+    see (csrc/row_math.h's LogitTransform), for a `LossOptions`."""
+    if not options.transforms_logits:
         return logits
-    v = logits.double() * logit_scale
-    return softcap * torch.tanh(v / softcap) if softcap else v
+    v = logits.double() * options.logit_scale
+    return options.softcap * torch.tanh(v / options.softcap) if options.softcap else v
 
 
 def target_grad(v, lse, weight, label_smoothing, g):

@@ -7,20 +7,20 @@ from ._ops import ops
 from ._reduction import reduce_rows, z_loss_rows
 
 
-def _under_functorch(t):
+def under_functorch(t):
     if torch.compiler.is_compiling():  # dynamo cannot trace these queries; it has no functorch wrappers
         return False
     return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_batchedtensor(t)
 
 
 class InplaceFn(torch.autograd.Function):
-    """Returns (loss, z_loss, lse, pred, target_pred); only `loss` is differentiable."""
+    """Returns (loss, z_loss, lse, *the row statistics); only `loss` is differentiable."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, grad_scale, lse_grad_scale, options, stats, reduction,
-                denominator, z_loss_scale, valid, z_denominator, nll_sum):
-        loss_rows, lse, pred, target_pred = ops.ce_forward_inplace(
-            logits, target, weight, grad_scale, *options, lse_grad_scale, stats)
+                denominator, valid, z_denominator, nll_sum):
+        loss_rows, lse, *row_stats = ops.ce_forward_inplace(
+            logits, target, weight, grad_scale, *options.op_args(), lse_grad_scale, stats)
         # Custom C++ ops do not bump the version counter; doing it here makes
         # autograd raise if anything saved the logits for its own backward.
         torch.autograd.graph.increment_version(logits)
@@ -28,13 +28,14 @@ class InplaceFn(torch.autograd.Function):
         ctx.backward_done = False
         ctx.set_materialize_grads(False)
         loss = reduce_rows(loss_rows, reduction, denominator, nll_sum(lse))
-        if z_loss_scale:
-            z_loss = reduce_rows(z_loss_rows(lse, valid, z_loss_scale, loss_rows.dtype), reduction, z_denominator)
+        if options.z_loss_scale:
+            z_loss = reduce_rows(z_loss_rows(lse, valid, options.z_loss_scale, loss_rows.dtype), reduction,
+                                 z_denominator)
             loss = loss + z_loss
         else:
             z_loss = torch.zeros_like(loss)
-        ctx.mark_non_differentiable(pred, target_pred)
-        return loss, z_loss, lse, pred, target_pred
+        ctx.mark_non_differentiable(*row_stats)
+        return loss, z_loss, lse, *row_stats
 
     @staticmethod
     def backward(ctx, grad_output, grad_z_loss, grad_lse, *_):
@@ -48,7 +49,7 @@ class InplaceFn(torch.autograd.Function):
                 "(create_graph=True): its gradient is computed in the forward and is not itself "
                 "differentiable; use inplace_backward=False"
             )
-        return (scale_saved_grad_once(ctx, grad_output),) + (None,) * 12
+        return (scale_saved_grad_once(ctx, grad_output),) + (None,) * 11
 
 
 def refuse_gradient(grad, message):
@@ -91,7 +92,7 @@ def scale_saved_grad_once(ctx, grad_output):
 
 def inplace_cross_entropy(*args):
     """InplaceFn.apply(logits, ...), refused under torch.func transforms."""
-    if _under_functorch(args[0]):
+    if under_functorch(args[0]):
         raise RuntimeError(
             "cross_entropy with inplace_backward=True does not support torch.func transforms "
             "(grad, vmap, jacrev, jvp, ...); use inplace_backward=False"

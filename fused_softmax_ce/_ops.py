@@ -13,6 +13,7 @@ import torch
 from . import _C  # noqa: F401  (importing it registers torch.ops.fused_softmax_ce)
 from . import _derivatives as D
 from ._derivatives import acc_dtype
+from .options import LossOptions, Shard
 
 ops = torch.ops.fused_softmax_ce
 
@@ -31,10 +32,16 @@ def _forward_outputs(logits, target, stats):
     )
 
 
+def _stats_flag(args, kwargs, position):
+    """The ops' `stats` argument: `position` in what follows their options
+    (the flat arguments after their tensors), or its keyword, else False."""
+    _, rest = LossOptions.split_op_args(args)
+    return rest[position] if len(rest) > position else kwargs.get("stats", False)
+
+
 @torch.library.register_fake("fused_softmax_ce::ce_forward")
-def _ce_forward_fake(logits, target, weight, ignore_index, label_smoothing, logit_scale=1.0, softcap=0.0,
-                     stats=False, class_offset=0, total_classes=-1):
-    return _forward_outputs(logits, target, stats)
+def _ce_forward_fake(logits, target, weight, *args, **kwargs):
+    return _forward_outputs(logits, target, _stats_flag(args, kwargs, 0))
 
 
 def _blocks_contiguous(x):
@@ -45,7 +52,7 @@ def _blocks_contiguous(x):
 
 
 @torch.library.register_fake("fused_softmax_ce::ce_backward")
-def _ce_backward_fake(grad_output, grad_lse, logits, target, weight, lse, *options):
+def _ce_backward_fake(grad_output, grad_lse, logits, target, weight, lse, *_args, **_kwargs):
     # binding.cpp's gradient_like, on the logits in block layout (a contiguous
     # copy when they are not): for row-padded logits, the outer stride and the
     # storage offset are theirs modulo 16 bytes.
@@ -61,10 +68,8 @@ def _ce_backward_fake(grad_output, grad_lse, logits, target, weight, lse, *optio
 
 
 @torch.library.register_fake("fused_softmax_ce::ce_forward_inplace")
-def _ce_forward_inplace_fake(logits, target, weight, grad_scale, ignore_index, label_smoothing,
-                             logit_scale=1.0, softcap=0.0, lse_grad_scale=None, stats=False,
-                             class_offset=0, total_classes=-1):
-    return _forward_outputs(logits, target, stats)
+def _ce_forward_inplace_fake(logits, target, weight, grad_scale, *args, **kwargs):
+    return _forward_outputs(logits, target, _stats_flag(args, kwargs, 1))  # after lse_grad_scale
 
 
 @torch.library.register_fake("fused_softmax_ce::scale_grad_")
@@ -103,7 +108,7 @@ def _ce_forward_vmap(info, in_dims, logits, target, weight, *options):
     B = info.batch_size
     outs = ops.ce_forward(_fold(logits, in_dims[0], B), _fold(target, in_dims[1], B), weight, *options)
     # Empty outputs (the argmaxes without stats) stay empty per sample.
-    return tuple(_unfold(o, B) if o.numel() else o.new_empty(B, 0) for o in outs), (0, 0, 0, 0)
+    return tuple(_unfold(o, B) if o.numel() else o.new_empty(B, 0) for o in outs), (0,) * len(outs)
 
 
 @torch.library.register_vmap("fused_softmax_ce::ce_backward")
@@ -120,19 +125,19 @@ def _ce_backward_vmap(info, in_dims, grad_output, grad_lse, logits, target, weig
 # --------------------------------------------------------------- autograd
 
 def _forward_setup(ctx, inputs, output):
-    logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap, stats, *shard = inputs
+    logits, target, weight, *args = inputs
     ctx.save_for_backward(logits, target, weight, output[1])
     ctx.save_for_forward(logits, target, weight, output[1])
-    # The options ce_backward takes after its tensors.
-    ctx.options = (ignore_index, label_smoothing, logit_scale, softcap, *shard)
+    ctx.options, (_stats, *shard) = LossOptions.split_op_args(args)
+    ctx.shard = Shard(*shard)
     ctx.num_inputs = len(inputs)
-    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.mark_non_differentiable(*output[2:])  # the statistics
     ctx.set_materialize_grads(False)
 
 
-def _n_classes(logits, options):
-    """All the classes: the shard's total (options end in offset, total) or the logits' own."""
-    return options[5] if len(options) > 5 and options[5] > 0 else logits.shape[1]
+def _backward_args(ctx):
+    """What ce_backward takes after its tensors, for the forward saved on ctx."""
+    return (*ctx.options.op_args(), *ctx.shard)
 
 
 def _forward_backward(ctx, grad_output, grad_lse, backward_op):
@@ -148,37 +153,39 @@ def _forward_backward(ctx, grad_output, grad_lse, backward_op):
         grad_output = torch.zeros_like(lse, dtype=acc_dtype(logits.dtype))
     grad_logits = grad_target = grad_weight = None
     if ctx.needs_input_grad[0]:
-        grad_logits = backward_op(grad_output, grad_lse, logits, target, weight, lse, *ctx.options)
+        grad_logits = backward_op(grad_output, grad_lse, logits, target, weight, lse, *_backward_args(ctx))
     g = D.rows(grad_output, logits)
+    eps = ctx.options.label_smoothing
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        v = D.effective_logits(logits, *ctx.options[2:4])
+        v = D.effective_logits(logits, ctx.options)
     if ctx.needs_input_grad[1]:
-        grad_target = D.target_grad(v, lse, weight, ctx.options[1], g).to(target.dtype)
+        grad_target = D.target_grad(v, lse, weight, eps, g).to(target.dtype)
     if ctx.needs_input_grad[2]:
-        terms = D.weight_terms(v, lse, target, ctx.options[1], _n_classes(logits, ctx.options))
+        terms = D.weight_terms(v, lse, target, eps, ctx.shard.n_classes(logits))
         grad_weight = D.weight_grad(terms, g).to(weight.dtype)
     return (grad_logits, grad_target, grad_weight) + none
 
 
 def _backward_setup(ctx, inputs, output):
-    grad_output, grad_lse, logits, target, weight, lse, *options = inputs
+    grad_output, grad_lse, logits, target, weight, lse, *args = inputs
     ctx.save_for_backward(grad_output, grad_lse, logits, target, weight, lse)
     ctx.save_for_forward(grad_output, grad_lse, logits, target, weight, lse)
-    ctx.options = tuple(options)
+    ctx.options, shard = LossOptions.split_op_args(args)
+    ctx.shard = Shard(*shard)
     ctx.num_inputs = len(inputs)
     ctx.set_materialize_grads(False)
 
 
 def _saved_terms(ctx):
-    ignore_index, label_smoothing, logit_scale, softcap, *shard = ctx.options
-    if logit_scale != 1.0 or softcap or (shard and shard[0] != 0):
+    options = ctx.options
+    if options.transforms_logits or ctx.shard.class_offset != 0:
         raise RuntimeError(
             "fused_softmax_ce: second-order derivatives (double backward, forward-mode AD of the "
             "gradient, hessian) are implemented for the plain loss only, not with logit_scale, "
-            f"softcap or a vocab-parallel shard (got logit_scale={logit_scale}, softcap={softcap})"
+            f"softcap or a vocab-parallel shard (got logit_scale={options.logit_scale}, softcap={options.softcap})"
         )
     grad_output, grad_lse, logits, target, weight, lse = ctx.saved_tensors
-    terms = D.row_terms(logits, target, weight, lse, ignore_index, label_smoothing)
+    terms = D.row_terms(logits, target, weight, lse, options.ignore_index, options.label_smoothing)
     g = D.rows(grad_output, logits).to(terms.A.dtype)
     h = torch.zeros_like(g) if grad_lse is None else D.rows(grad_lse, logits).to(terms.A.dtype)
     return grad_output, grad_lse, logits, target, weight, lse, terms, g, h
@@ -193,7 +200,7 @@ def _backward_backward(ctx, grad_grad):
     if ctx.needs_input_grad[4]:
         raise RuntimeError("the derivative for 'weight' is not implemented.")
     is_prob = target.is_floating_point()
-    gg, gh, gz, glse, gt = D.backward_vjp(terms, g, h, weight, ctx.options[1], is_prob,
+    gg, gh, gz, glse, gt = D.backward_vjp(terms, g, h, weight, ctx.options.label_smoothing, is_prob,
                                           grad_grad.to(terms.A.dtype))
     needs = ctx.needs_input_grad
     return (
@@ -240,7 +247,7 @@ class ForwardFn(torch.autograd.Function):
         ones = torch.ones_like(lse, dtype=acc)
         d_loss = torch.zeros_like(lse, dtype=acc)
         d_lse = torch.zeros_like(lse)
-        args = (logits, target, weight, lse, *ctx.options)
+        args = (logits, target, weight, lse, *_backward_args(ctx))
         if d_logits is not None:
             # The kernels' own first derivatives: of the loss (g = 1), and of
             # the lse (h = 1), transform included.
@@ -248,13 +255,14 @@ class ForwardFn(torch.autograd.Function):
             dlse = BackwardFn.apply(torch.zeros_like(ones), ones, *args).to(acc)
             d_loss = d_loss + D.flat((grad * d_logits.to(acc)).sum(1, keepdim=True))
             d_lse = d_lse + D.flat((dlse * d_logits.to(acc)).sum(1, keepdim=True)).double()
+        eps = ctx.options.label_smoothing
         if (d_target is not None and target.is_floating_point()) or d_weight is not None:
-            v = D.effective_logits(logits, *ctx.options[2:4])
+            v = D.effective_logits(logits, ctx.options)
         if d_target is not None and target.is_floating_point():
-            dt = D.target_grad(v, lse, weight, ctx.options[1], D.rows(ones, logits))
+            dt = D.target_grad(v, lse, weight, eps, D.rows(ones, logits))
             d_loss = d_loss + D.flat((dt * d_target.double()).sum(1, keepdim=True)).to(acc)
         if d_weight is not None:
-            terms = D.weight_terms(v, lse, target, ctx.options[1], _n_classes(logits, ctx.options))
+            terms = D.weight_terms(v, lse, target, eps, ctx.shard.n_classes(logits))
             dw = d_weight.double().reshape(D.class_shape(logits))
             d_loss = d_loss + D.flat((terms * dw).sum(1, keepdim=True)).to(acc)
         return d_loss, d_lse, None, None
@@ -283,14 +291,14 @@ class BackwardFn(torch.autograd.Function):
 
         dz = torch.zeros_like(terms.p) if d_logits is None else d_logits.to(terms.p.dtype)
         dt = None if d_target is None or not target.is_floating_point() else d_target.to(g.dtype)
-        out = D.backward_jvp(terms, g, h, weight, ctx.options[1], target.is_floating_point(),
+        out = D.backward_jvp(terms, g, h, weight, ctx.options.label_smoothing, target.is_floating_point(),
                              per_row(d_grad_output), per_row(d_grad_lse), dz, per_row(d_lse), dt)
         return out.to(logits.dtype)
 
 
 def cross_entropy_rows(logits, target, weight, options, stats):
-    """(loss, lse, pred, target_pred) per row, differentiable; the op itself
-    under torch.compile. options: (ignore_index, label_smoothing, logit_scale, softcap)."""
+    """(loss, lse, *the row statistics) per row, differentiable, for a
+    `LossOptions`; the op itself under torch.compile."""
     if torch.compiler.is_compiling():
-        return ops.ce_forward(logits, target, weight, *options, stats)
-    return ForwardFn.apply(logits, target, weight, *options, stats, 0, -1)
+        return ops.ce_forward(logits, target, weight, *options.op_args(), stats)
+    return ForwardFn.apply(logits, target, weight, *options.op_args(), stats, *Shard())

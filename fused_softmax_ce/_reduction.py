@@ -1,7 +1,7 @@
 """Reductions of per-row values, PyTorch's way, on the device (no host sync)."""
-import math
-
 import torch
+
+from ._derivatives import effective_logits
 
 
 def mean_denominator(target_rows, weight, ignore_index, n_classes, dtype):
@@ -48,12 +48,12 @@ def reduce_rows(rows, reduction, denominator, nll_sum=None):
     return torch.where(denominator == 0, nll_sum / denominator + (total - nll_sum) / denominator, mean)
 
 
-def target_logits(x3, target, valid, effective):
+def target_logits(x3, target, valid, options):
     """The effective logit at each row's target class (float64, without grad;
     0 on ignored rows), read before an in-place kernel overwrites them."""
     with torch.no_grad():
         idx = torch.where(valid, target, 0).reshape((x3.shape[0], 1) + tuple(x3.shape[2:]))
-        return effective(x3.gather(1, idx)).reshape(-1).double() * valid
+        return effective_logits(x3.gather(1, idx), options).reshape(-1).double() * valid
 
 
 def smoothed_nll_sum(v_y, lse, target, weight, valid, label_smoothing):

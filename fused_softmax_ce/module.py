@@ -1,9 +1,30 @@
-"""`CrossEntropyLoss`: the drop-in for `torch.nn.CrossEntropyLoss`."""
+"""The modules: `CrossEntropyLoss`, the drop-in for `torch.nn.CrossEntropyLoss`,
+and `LinearCrossEntropyLoss` for `linear_cross_entropy`.
+
+Each keeps every `LossOptions` field as an attribute of its own name, as
+PyTorch's modules do (so they can be read and set), and passes them all on.
+"""
 import torch
 from torch import Tensor, nn
 from torch.nn import _reduction as _Reduction
 
 from .functional import cross_entropy
+from .linear import linear_cross_entropy
+from .options import LossOptions
+
+
+def _set_options(module, options):
+    for name, value in options._asdict().items():
+        setattr(module, name, value)
+
+
+def _options(module):
+    """The module's options as keyword arguments of the functions."""
+    return {name: getattr(module, name) for name in LossOptions._fields}
+
+
+def _options_repr(module):
+    return ", ".join(f"{name}={getattr(module, name)!r}" for name in LossOptions._fields)
 
 
 class CrossEntropyLoss(nn.Module):
@@ -14,8 +35,7 @@ class CrossEntropyLoss(nn.Module):
     ``z_loss_scale``, ``return_stats``, ``process_group``) are passed to `cross_entropy`.
     """
 
-    __constants__ = ["ignore_index", "reduction", "label_smoothing", "inplace_backward", "logit_scale",
-                     "softcap", "z_loss_scale", "return_stats"]
+    __constants__ = ["reduction", "inplace_backward", "return_stats", *LossOptions._fields]
 
     def __init__(
         self,
@@ -38,12 +58,9 @@ class CrossEntropyLoss(nn.Module):
             reduction = _Reduction.legacy_get_string(size_average, reduce)
         self.reduction = reduction
         self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
+        _set_options(self, LossOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                       logit_scale=logit_scale, softcap=softcap, z_loss_scale=z_loss_scale))
         self.inplace_backward = inplace_backward
-        self.logit_scale = logit_scale
-        self.softcap = softcap
-        self.z_loss_scale = z_loss_scale
         self.return_stats = return_stats
         self.process_group = process_group
 
@@ -55,20 +72,9 @@ class CrossEntropyLoss(nn.Module):
         # TorchScript cannot compile cross_entropy (its checks, autograd
         # Functions and custom ops are Python): a scripted module calls it
         # back in Python, so it runs but cannot be saved by torch.jit.save.
-        return cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            inplace_backward=self.inplace_backward,
-            logit_scale=self.logit_scale,
-            softcap=self.softcap,
-            z_loss_scale=self.z_loss_scale,
-            return_stats=self.return_stats,
-            process_group=self.process_group,
-        )
+        return cross_entropy(input, target, weight=self.weight, reduction=self.reduction,
+                             inplace_backward=self.inplace_backward, return_stats=self.return_stats,
+                             process_group=self.process_group, **_options(self))
 
     def __prepare_scriptable__(self):
         if self.return_stats or self.process_group is not None:
@@ -80,9 +86,35 @@ class CrossEntropyLoss(nn.Module):
         return self
 
     def extra_repr(self):
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, inplace_backward={self.inplace_backward}, "
-            f"logit_scale={self.logit_scale}, softcap={self.softcap}, z_loss_scale={self.z_loss_scale}, "
-            f"return_stats={self.return_stats}"
-        )
+        return (f"reduction={self.reduction!r}, {_options_repr(self)}, inplace_backward={self.inplace_backward}, "
+                f"return_stats={self.return_stats}")
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """A module for `linear_cross_entropy`: the constructor takes its keyword options
+    (weight, reduction, ignore_index, label_smoothing, chunk_size, grad_acc_dtype, and
+    keyword-only logit_scale, softcap, z_loss_scale, return_stats, process_group);
+    ``weight`` is a buffer, so ``.to()`` and ``state_dict`` carry it.
+    """
+
+    def __init__(self, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                 chunk_size=None, grad_acc_dtype=None, *, logit_scale=1.0, softcap=None,
+                 z_loss_scale=0.0, return_stats=False, process_group=None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        _set_options(self, LossOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                       logit_scale=logit_scale, softcap=softcap, z_loss_scale=z_loss_scale))
+        self.chunk_size = chunk_size
+        self.grad_acc_dtype = grad_acc_dtype
+        self.return_stats = return_stats
+        self.process_group = process_group
+
+    def forward(self, input, linear_weight, target, linear_bias=None):
+        return linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight, reduction=self.reduction,
+            chunk_size=self.chunk_size, grad_acc_dtype=self.grad_acc_dtype, return_stats=self.return_stats,
+            process_group=self.process_group, **_options(self))
+
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}, {_options_repr(self)}, chunk_size={self.chunk_size}"

@@ -1,6 +1,6 @@
 """The in-place mode overwrites the logits with their gradient. Reads of the
 logits after the call see gradient values; autograd catches them where a
-version counter can (README, "The in-place mode's contract", lists what it
+version counter can (docs/contracts.md, "The in-place mode's contract", lists what it
 cannot)."""
 import pytest
 import torch

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import fused_softmax_ce as fce
 from conftest import TOLERANCES, assert_close, device_param, random_logits, random_targets
-from fused_softmax_ce.linear import _linear_ce
+from fused_softmax_ce._linear_op import linear_ce as _linear_ce
 
 REDUCTIONS = ["mean", "sum", "none"]
 # (ignore_index in the targets, label_smoothing, class weights, bias)

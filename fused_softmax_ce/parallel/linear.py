@@ -8,10 +8,10 @@ chunks of rows, neither holding more than a chunk of the shard's logits:
 
 - forward: each chunk's logits x W_k^T + b_k go through the kernel with the
   shard's class offset, which gives per row lse_k and L_k (and the stats);
-  then vocab_parallel's one all_gather gives every rank the global loss and
-  lse (see `vocab_parallel.combine_shards`);
+  then one all_gather gives every rank the global loss and lse (see
+  `shards.combine_shards`);
 - backward: the chunk's logits again, the kernel's exact gradient of the
-  shard with the global lse (grad_lse = g (A - A_k), as in vocab_parallel),
+  shard with the global lse (grad_lse = g (A - A_k), as in cross_entropy.py),
   and the matmuls into grad W_k, grad b_k and this rank's term of grad input.
 
 The gradient of input is sum_k dlogits_k W_k over the shards; each rank
@@ -22,86 +22,85 @@ gradient comes back Partial), whose backward all-reduces the gradient.
 Without such a region, all-reduce input's gradient over the group. The
 gradient reaching the loss must be the same on every rank.
 
-Collectives: vocab_parallel's two per forward (a 16-byte size check and the
+Collectives: the two per forward of shards.py (a 16-byte size check and the
 16 N-byte all_gather), none in the backward; no host sync after the first
 call per (group, shard size).
 """
 import torch
 
-from ._ops import acc_dtype, ops
-from .linear import Grads, _cast, _compute_dtype, chunks
-from .vocab_parallel import (_group, _refuse_create_graph, combine_shards, reducer, shard_grad_lse, shard_of,
-                             stat_columns)
+from .._chunks import Grads, cast, chunks, compute_dtype
+from .._finish import RowStats
+from .._ops import acc_dtype, ops
+from .shards import combine_shards, group_of, reducer, refuse_create_graph, shard_grad_lse, shard_of, stat_columns
 
 
 class VocabParallelLinearFn(torch.autograd.Function):
-    """(loss, z_loss, lse, pred) of the global rows; only `loss` is differentiable."""
+    """(loss, z_loss, lse, *the row statistics) of the global rows; only `loss` is differentiable."""
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, options, stats, chunk_size,
-                grad_acc_dtype, group, offset, total, agreed, reduce):
+                grad_acc_dtype, group, shard, agreed, reduce):
         n, device = input.shape[0], input.device
-        cdt = _compute_dtype(input.dtype, device)
-        (w, b), cw = _cast(cdt, linear_weight, linear_bias), weight  # the kernels read cw in float32
+        cdt = compute_dtype(input.dtype, device)
+        (w, b), cw = cast(cdt, linear_weight, linear_bias), weight  # the kernels read cw in float32
         loss_k = torch.empty(n, dtype=acc_dtype(cdt), device=device)
         lse_k = torch.empty(n, dtype=torch.float64, device=device)
-        cols = torch.empty(2 if stats else 0, n, dtype=torch.float64, device=device)
-        no_pred = torch.empty(0, dtype=torch.long, device=device)
+        cols = []
         # The matmuls run in cdt as chosen here, not in an enclosing autocast's dtype.
         with torch.autocast(device.type, enabled=False):
             for start, stop, _x, logits in chunks(input, w, b, cdt, chunk_size):
                 t = target[start:stop]
-                loss_k[start:stop], lse_k[start:stop], pred, _target_pred = ops.ce_forward(
-                    logits, t, cw, *options, stats, offset, total)
+                loss_k[start:stop], lse_k[start:stop], *row_stats = ops.ce_forward(
+                    logits, t, cw, *options.op_args(), stats, *shard)
                 if stats:
-                    cols[:, start:stop] = torch.stack(stat_columns(logits, t, pred, None, options, offset))
-        loss_rows, lse, A_rest, pred, _, w_y_sum = combine_shards(
-            loss_k, lse_k, list(cols), no_pred, no_pred, target, weight, options, group, offset, total,
-            linear_weight.shape[0], agreed)
+                    cols.append(torch.stack(stat_columns(logits, t, row_stats, options, shard)))
+        # The per-row values come out of the all_gather; none pass through.
+        no_stats = [torch.empty(0, dtype=torch.long, device=device) for _ in RowStats._fields]
+        loss_rows, lse, A_rest, w_y_sum, row_stats = combine_shards(
+            loss_k, lse_k, list(torch.cat(cols, 1)) if cols else [], no_stats, target, weight, options, group,
+            shard, linear_weight.shape[0], agreed)
         loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, A_rest, grad_scale,
                               lse_grad_scale)
-        ctx.args = (options, chunk_size, grad_acc_dtype, offset, total)
-        ctx.mark_non_differentiable(z_loss, lse, pred)
+        ctx.options, ctx.shard, ctx.args = options, shard, (chunk_size, grad_acc_dtype)
+        ctx.mark_non_differentiable(z_loss, lse, *row_stats)
         ctx.set_materialize_grads(False)
-        return loss, z_loss, lse, pred
+        return loss, z_loss, lse, *row_stats
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        _refuse_create_graph()
+        refuse_create_graph()
         (input, linear_weight, linear_bias, target, weight, lse, A_rest, grad_scale,
          lse_grad_scale) = ctx.saved_tensors
-        options, chunk_size, grad_acc_dtype, offset, total = ctx.args
+        chunk_size, grad_acc_dtype = ctx.args
         if weight is not None and ctx.needs_input_grad[4]:
             raise RuntimeError("the derivative for 'weight' is not implemented.")
         needs = ctx.needs_input_grad[:3]
-        none = (None,) * 11
+        none = (None,) * 10
         if grad_loss is None or not any(needs):
             return (None,) * 3 + none
-        cdt = _compute_dtype(input.dtype, input.device)
+        cdt = compute_dtype(input.dtype, input.device)
         acc = acc_dtype(cdt)
         go = grad_loss.to(acc)  # a scalar, or per row for reduction 'none'
         g = (go * grad_scale).expand(lse.shape).contiguous()
         h = shard_grad_lse(g, A_rest, lse, None if lse_grad_scale is None else go.double() * lse_grad_scale, acc)
-        (w, b), cw = _cast(cdt, linear_weight, linear_bias), weight  # the kernels read cw in float32
+        (w, b), cw = cast(cdt, linear_weight, linear_bias), weight  # the kernels read cw in float32
         grads = Grads(input, linear_weight, linear_bias, cdt, chunk_size, grad_acc_dtype, *needs)
         with torch.autocast(input.device.type, enabled=False):
             for start, stop, x, logits in chunks(input, w, b, cdt, chunk_size):
                 rows = slice(start, stop)
-                grad = ops.ce_backward(g[rows], h[rows], logits, target[rows], cw, lse[rows], *options,
-                                       offset, total)
+                grad = ops.ce_backward(g[rows], h[rows], logits, target[rows], cw, lse[rows],
+                                       *ctx.options.op_args(), *ctx.shard)
                 grads.add(grad, x, w, start, stop)
         return tuple(grad if need else None for grad, need in zip(grads.result(), needs)) + none
 
 
-def vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
-                                        ignore_index, label_smoothing, logit_scale, softcap, z_loss_scale,
+def vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, options,
                                         stats, chunk_size, grad_acc_dtype, valid, count, process_group):
     """`linear_cross_entropy(..., process_group=group)` on checked (N, H)
-    input and (N,) int64 target: (loss, z_loss, lse, pred), reduced."""
-    group = _group(process_group)
-    offset, total, agreed = shard_of(group, linear_weight.shape[0], input.shape[0], input.device)
-    options = (ignore_index, float(label_smoothing), float(logit_scale), float(softcap or 0.0))
-    reduce = reducer(reduction, weight, valid, count, z_loss_scale, count.dtype, label_smoothing)
+    input, (N,) int64 target and `LossOptions`: (loss, z_loss, lse, *the row statistics), reduced."""
+    group = group_of(process_group)
+    shard, agreed = shard_of(group, linear_weight.shape[0], input.shape[0], input.device)
+    reduce = reducer(reduction, weight, valid, count, options, count.dtype)
     return VocabParallelLinearFn.apply(input, linear_weight, linear_bias, target, weight, options, bool(stats),
-                                       int(chunk_size), grad_acc_dtype, group, offset, total, agreed, reduce)
+                                       int(chunk_size), grad_acc_dtype, group, shard, agreed, reduce)

@@ -26,35 +26,27 @@ accumulation type (one slot for float32, two for float64), so 16 R bytes per
 rank (24 R for float64 logits); +16 R with stats, +16 R more with stats and
 probability targets, +8 with class weights. None in the backward.
 
-The vocab-parallel linear_cross_entropy (vocab_parallel_linear.py) runs the
-kernels on chunks of its logits and shares the rest: `combine_shards` and
-`reducer`.
+This module holds what both vocab-parallel paths share: the shard
+agreement, the all_gather that combines the shards' rows, the backward's
+grad_lse and the reduction. cross_entropy.py runs the kernels on the shard's
+logits, linear.py on chunks of them.
 """
-import math
-
 import torch
 import torch.distributed as dist
 
-from . import _derivatives as D
-from ._checks import check_common, check_inplace
-from ._derivatives import acc_dtype
-from ._inplace import scale_saved_grad_once
-from ._ops import ops
-from ._reduction import grad_scales, reduce_rows, z_loss_rows
+from .. import _derivatives as D
+from .._finish import RowStats
+from .._reduction import grad_scales, reduce_rows, z_loss_rows
+from ..options import Shard
 
 _SHARDS = {}  # (group, local classes) -> (class_offset, total_classes, sizes of all ranks)
 
-# The in-place mode writes the exact gradient into the logits in row chunks
-# of about this many elements: the only N x C-sized memory it allocates.
-INPLACE_CHUNK = 1 << 22
-
-
-def _group(process_group):
+def group_of(process_group):
     return dist.group.WORLD if process_group is None else process_group
 
 
 def shard_of(group, n_classes, rows, device):
-    """(class_offset, total_classes, agreed) of this rank; agreed is a device
+    """(this rank's `Shard`, agreed); agreed is a device
     bool that `combine_shards` shares, so that every rank raises alike.
 
     The 2-value all_gather runs on every call, so that ranks that disagree on
@@ -95,19 +87,19 @@ def shard_of(group, n_classes, rows, device):
     torch._assert_async((every[:, 1] == rows).all() & (every[:, 0] >= 1).all(),
                         "vocab-parallel cross-entropy: the ranks of process_group disagree on the number of "
                         "rows, or one holds no class")
-    return offset, total, (every[:, 0] == classes).all()
+    return Shard(offset, total), (every[:, 0] == classes).all()
 
 
-def _shard_coefficient(target, weight, label_smoothing, ignore_index, offset, total, n_classes):
+def _shard_coefficient(target, weight, options, shard, n_classes):
     """A_k per row (float64): this shard's part of A = coef_y + k sum_a, and
     for class-index targets this shard's w_y (0 when y is elsewhere)."""
-    eps = label_smoothing
+    eps, offset, total = options.label_smoothing, shard.class_offset, shard.total_classes
     sum_w = float(n_classes) if weight is None else weight.double().sum()
     if target.is_floating_point():
         t = target.double()
         ta = t.sum(1) if weight is None else (t * weight.double().reshape(D.class_shape(t))).sum(1)
         return (1 - eps) * ta.reshape(-1) + (eps / total) * sum_w, None
-    valid = target != ignore_index
+    valid = target != options.ignore_index
     here = valid & (target >= offset) & (target < offset + n_classes)
     local = (target - offset).clamp(0, n_classes - 1)
     w_y = here.double() if weight is None else torch.where(here, weight.double()[local], 0.0)
@@ -123,12 +115,15 @@ def _first_max(values, index):
 def _value_at(x3, index, options):
     """The effective logit at a per-row class index of the shard (O(R))."""
     idx = index.clamp(min=0).reshape(D.row_shape(x3))
-    return D.effective_logits(x3.gather(1, idx), *options[2:4]).reshape(-1).double()
+    return D.effective_logits(x3.gather(1, idx), options).reshape(-1).double()
 
 
-def stat_columns(x3, target, pred, target_pred, options, offset):
-    """The per-row values the stats gather (float64): the shard's max effective
-    logit and its argmax, and for probability targets the target's."""
+def stat_columns(x3, target, row_stats, options, shard):
+    """The per-row values the stats gather (float64), from the shard's
+    `RowStats`: its max effective logit and its argmax, and for probability
+    targets the target's."""
+    offset = shard.class_offset
+    pred, target_pred = RowStats(*row_stats)
     cols = [_value_at(x3, pred - offset, options), pred.double()]
     if target.is_floating_point():
         t_max = target.gather(1, (target_pred - offset).reshape(D.row_shape(x3))).reshape(-1)
@@ -136,21 +131,12 @@ def stat_columns(x3, target, pred, target_pred, options, offset):
     return cols
 
 
-def _gather_rows(x3, target, weight, options, stats, group, offset, total, agreed):
-    """Runs the shard's forward, then `combine_shards`."""
-    loss_k, lse_k, pred, target_pred = ops.ce_forward(x3, target, weight, *options, stats, offset, total)
-    cols = stat_columns(x3, target, pred, target_pred, options, offset) if stats else []
-    return combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, options, group, offset,
-                          total, x3.shape[1], agreed)
-
-
-def combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, options, group, offset, total,
-                   n_classes, agreed):
+def combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, group, shard, n_classes, agreed):
     """The all_gather of the shard's per-row (lse_k, L_k, A_k) and stat
-    columns: (loss_rows, lse, A - A_k, pred, target_pred, sum of w_y or
-    None), all global; pred and target_pred pass through without stats."""
-    ignore_index, label_smoothing = options[:2]
-    A_k, w_y = _shard_coefficient(target, weight, label_smoothing, ignore_index, offset, total, n_classes)
+    columns: (loss_rows, lse, A - A_k, sum of w_y or None, `RowStats`), all
+    global; the row statistics pass through without stats."""
+    pred, target_pred = RowStats(*row_stats)
+    A_k, w_y = _shard_coefficient(target, weight, options, shard, n_classes)
     # (L_k, A_k) travel in the accumulation type, the kernels' own precision:
     # for float32 the pair is one float64 slot. lse_k and the stats are float64.
     pair = torch.stack([loss_k, A_k.to(loss_k.dtype)], 1).view(torch.float64).reshape(-1)
@@ -173,7 +159,7 @@ def combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, optio
     per_row = every[:, rows + pair.numel():rows + pair.numel() + len(cols) * rows].reshape(world, len(cols), rows)
     lse = torch.logsumexp(lse_all, 0)
     if not target.is_floating_point():
-        lse = torch.where(target != ignore_index, lse, 0.0)  # the kernels' 0 for ignored rows
+        lse = torch.where(target != options.ignore_index, lse, 0.0)  # the kernels' 0 for ignored rows
     # A shard whose A_k is 0 adds nothing, also where its lse_k is -inf.
     shift = torch.where(A_all != 0, A_all * (lse - lse_all), 0.0)
     loss = (loss_all.sum(0) + shift.sum(0)).to(loss_k.dtype)
@@ -183,7 +169,7 @@ def combine_shards(loss_k, lse_k, cols, pred, target_pred, target, weight, optio
         if target.is_floating_point():
             target_pred = _first_max(per_row[:, 2], per_row[:, 3]).long()
     w_y_sum = every[:, -1].sum() if extra else None
-    return loss, lse, A_rest, pred, target_pred, w_y_sum
+    return loss, lse, A_rest, w_y_sum, RowStats(pred, target_pred)
 
 
 def shard_grad_lse(g, A_rest, lse, lse_grad, acc):
@@ -197,7 +183,7 @@ def shard_grad_lse(g, A_rest, lse, lse_grad, acc):
     return h.to(acc)
 
 
-def _refuse_create_graph():
+def refuse_create_graph():
     # The gradient is computed by the kernel, not by differentiable ops: a
     # second-order term through it would silently be zero.
     if torch.is_grad_enabled():
@@ -207,93 +193,15 @@ def _refuse_create_graph():
         )
 
 
-class VocabParallelFn(torch.autograd.Function):
-    """(loss_rows, lse, pred, target_pred, w_y_sum) of the global rows; the
-    gradient reaches this rank's logits and probability-target shard."""
-
-    @staticmethod
-    def forward(ctx, x3, target, weight, options, stats, group, offset, total, agreed):
-        loss, lse, A_rest, pred, target_pred, w_y_sum = _gather_rows(
-            x3, target, weight, options, stats, group, offset, total, agreed)
-        ctx.save_for_backward(x3, target, weight, lse, A_rest)
-        ctx.options = (*options, offset, total)
-        ctx.mark_non_differentiable(pred, target_pred)
-        if w_y_sum is not None:
-            ctx.mark_non_differentiable(w_y_sum)
-        ctx.set_materialize_grads(False)
-        return loss, lse, pred, target_pred, w_y_sum
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse, *_):
-        _refuse_create_graph()
-        x3, target, weight, lse, A_rest = ctx.saved_tensors
-        none = (None,) * 6
-        if ctx.needs_input_grad[2] and not target.is_floating_point():
-            raise RuntimeError("the derivative for 'weight' is not implemented.")
-        if grad_loss is None and grad_lse is None:
-            return (None, None, None) + none
-        acc = acc_dtype(x3.dtype)
-        g = torch.zeros_like(lse, dtype=acc) if grad_loss is None else grad_loss.to(acc)
-        # The other shards' part of g A, so that the kernel's gradient
-        # coefficient is the whole row's.
-        h = g.double() * A_rest
-        if grad_lse is not None:
-            h = h + grad_lse.double()
-        grad_x = grad_t = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ops.ce_backward(g, h.to(acc), x3, target, weight, lse, *ctx.options)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            v = D.effective_logits(x3, *ctx.options[2:4])
-        if ctx.needs_input_grad[1]:
-            grad_t = D.target_grad(v, lse, weight, ctx.options[1], D.rows(g, x3)).to(target.dtype)
-        if ctx.needs_input_grad[2]:  # the shard's classes, against the global lse
-            terms = D.weight_terms(v, lse, target, ctx.options[1], ctx.options[-1])
-            grad_w = D.weight_grad(terms, D.rows(g, x3)).to(weight.dtype)
-        return (grad_x, grad_t, grad_w) + none
-
-
-class InplaceVocabParallelFn(torch.autograd.Function):
-    """In-place mode on a shard: the forward writes the gradient of the
-    reduced loss (z-loss included) into the logits' storage, exactly, with
-    the global lse, in row chunks; the backward only rescales it. Returns
-    (loss, z_loss, lse, pred, target_pred); only `loss` is differentiable."""
-
-    @staticmethod
-    def forward(ctx, x3, target, weight, options, stats, group, offset, total, agreed, reduce):
-        loss_rows, lse, A_rest, pred, target_pred, w_y_sum = _gather_rows(
-            x3, target, weight, options, stats, group, offset, total, agreed)
-        loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum)
-        acc = acc_dtype(x3.dtype)
-        g = grad_scale.to(acc).expand(lse.shape)
-        h = shard_grad_lse(g, A_rest, lse, lse_grad_scale, acc)
-        inner = x3.shape[2] if x3.dim() == 3 else 1
-        step = max(1, INPLACE_CHUNK // (x3.shape[1] * inner))
-        for i in range(0, x3.shape[0], step):
-            rows = slice(i * inner, (i + step) * inner)
-            t = target[i:i + step] if target.is_floating_point() else target[rows]
-            x3[i:i + step].copy_(ops.ce_backward(
-                g[rows], h[rows], x3[i:i + step], t, weight, lse[rows], *options, offset, total))
-        torch.autograd.graph.increment_version(x3)
-        ctx.save_for_backward(x3)
-        ctx.backward_done = False
-        ctx.mark_non_differentiable(z_loss, lse, pred, target_pred)
-        ctx.set_materialize_grads(False)
-        return loss, z_loss, lse, pred, target_pred
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        _refuse_create_graph()
-        return (scale_saved_grad_once(ctx, grad_loss),) + (None,) * 9
-
-
-def reducer(reduction, weight, valid, count, z_loss_scale, acc, label_smoothing):
+def reducer(reduction, weight, valid, count, options, acc):
     """reduce(loss_rows, lse, w_y_sum) -> (loss, z_loss, the loss's gradient
     scale, the lse's gradient per unit lse), for the global rows; `count` is
     the number of rows not ignored, `valid` those rows (None: all)."""
     # A smoothed weighted mean over a zero weight sum is nan here: PyTorch's
     # whenever no row has weight, but not its infinity for weights that sum
     # to 0, which needs the nll part alone (another collective).
-    zero_nll = weight is not None and valid is not None and label_smoothing
+    zero_nll = weight is not None and valid is not None and options.label_smoothing
+    z_loss_scale = options.z_loss_scale
 
     def reduce(loss_rows, lse, w_y_sum):
         mean = reduction == "mean"
@@ -308,40 +216,3 @@ def reducer(reduction, weight, valid, count, z_loss_scale, acc, label_smoothing)
     return reduce
 
 
-def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
-                                 inplace_backward, logit_scale, softcap, z_loss_scale, return_stats,
-                                 process_group):
-    """`cross_entropy(..., process_group=group)`: input holds this rank's
-    contiguous slice of the classes, weight (if any) the same slice, a
-    probability target the same slice; an index target holds global classes."""
-    from .functional import _is_rows_view, _layout, finish, resolve_target  # functional imports this module
-
-    check_common(input, weight)
-    if input.dim() < 2:
-        raise ValueError(
-            f"vocab-parallel cross_entropy expects input of shape (N, C_local, ...), got {list(input.shape)}")
-    group = _group(process_group)
-    autocast = torch.is_autocast_enabled(input.device.type)
-    acc = acc_dtype(input.dtype)
-    n, n_classes, spatial = input.shape[0], input.shape[1], tuple(input.shape[2:])
-    rows_view = _is_rows_view(input)
-    x3 = _layout(input, rows_view)
-    t, out_dtype, loss_shape, valid = resolve_target(input, target, weight, ignore_index, autocast, rows_view)
-    inplace = inplace_backward and torch.is_grad_enabled() and input.requires_grad
-    if inplace:
-        check_inplace(input, t, weight)  # before any collective: every rank fails alike
-    rows = n * math.prod(spatial)
-    offset, total, agreed = shard_of(group, n_classes, rows, input.device)
-    options = (ignore_index, label_smoothing, float(logit_scale), float(softcap or 0.0))
-    count = torch.full((), rows, dtype=acc, device=input.device) if valid is None else valid.sum().to(acc)
-
-    reduce = reducer(reduction, weight, valid, count, z_loss_scale, acc, label_smoothing)
-    if inplace:
-        loss, z_loss, lse, pred, target_pred = InplaceVocabParallelFn.apply(
-            x3, t, weight, options, return_stats, group, offset, total, agreed, reduce)
-    else:
-        loss_rows, lse, pred, target_pred, w_y_sum = VocabParallelFn.apply(
-            x3, t, weight, options, return_stats, group, offset, total, agreed)
-        loss, z_loss = reduce(loss_rows, lse, w_y_sum)[:2]
-    return finish(loss, z_loss, lse, reduction, loss_shape, out_dtype, return_stats, pred, target_pred, t,
-                  valid, count)

@@ -1,0 +1,88 @@
+"""The chunk engine of linear_cross_entropy (single-process and vocab
+parallel): each chunk of rows gets its logits from one matmul into a reused
+buffer, and `Grads` sums each chunk's share of the input, weight and bias
+gradients from its dloss/dlogits."""
+import torch
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype, device):
+    """The matmuls' dtype: the CPU emulates bf16/fp16 GEMMs (several times slower), so half runs in fp32 there."""
+    return torch.float32 if dtype in HALF and device.type == "cpu" else dtype
+
+
+def default_chunk_size(n_rows, hidden, n_classes):
+    """Rows per chunk whose logits take about as much memory as the input (N x H).
+
+    Each chunk streams the whole weight and its gradient, so time grows with
+    the number of chunks and memory with their size; this is PyTorch's own
+    aspect-ratio rule (LinearCrossEntropyOptions), rounded up to a power of two.
+    """
+    rows = -(-n_rows // -(-n_classes // max(hidden, 1)))
+    return max(1, min(n_rows, 1 << max(rows - 1, 0).bit_length()))
+
+
+def cast(dtype, *tensors):
+    """The tensors in dtype; None stays None."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def chunks(input, w, b, cdt, chunk_size):
+    """(start, stop, input rows in cdt, their logits input @ w.T + b) per
+    chunk of rows; the logits live in one buffer reused by every chunk: no
+    allocation, and no fresh pages to fault in, per chunk."""
+    n = input.shape[0]
+    rows = max(1, min(chunk_size, n))
+    buf = torch.empty(rows, w.shape[0], dtype=cdt, device=input.device)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        x = input[start:stop].to(cdt)
+        logits = buf[: stop - start]
+        if b is None:
+            torch.mm(x, w.t(), out=logits)
+        else:
+            torch.addmm(b, x, w.t(), out=logits)
+        yield start, stop, x, logits
+
+
+class Grads:
+    """The gradients of input, linear_weight and linear_bias, summed over
+    chunks from each chunk's dloss/dlogits; a fresh empty tensor stands for
+    each not asked for (the op's outputs must not alias one another)."""
+
+    def __init__(self, input, linear_weight, linear_bias, cdt, chunk_size, grad_acc_dtype, need_input,
+                 need_weight, need_bias):
+        n, h = input.shape
+        v, device = linear_weight.shape[0], input.device
+        self.needs = (need_input, need_weight, need_bias)
+        self.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
+        self.input = (torch.empty_like(input, memory_format=torch.contiguous_format) if need_input
+                      else input.new_empty(0))
+        self.weight = torch.zeros(v, h, dtype=grad_acc_dtype, device=device) if need_weight else input.new_empty(0)
+        self.bias = torch.zeros(v, dtype=grad_acc_dtype, device=device) if need_bias else input.new_empty(0)
+        # A grad-input buffer, reused by every chunk, when it needs a cast.
+        rows = max(1, min(chunk_size, n))
+        self.cast_buf = torch.empty(rows, h, dtype=cdt, device=device) if need_input and cdt != input.dtype else None
+
+    def add(self, g, x, w, start, stop):
+        """Adds the chunk's share for its dloss/dlogits g, input rows x and weight w (both in g's dtype)."""
+        need_input, need_weight, need_bias = self.needs
+        if need_input:
+            if self.cast_buf is None:
+                torch.mm(g, w, out=self.input[start:stop])
+            else:
+                self.input[start:stop] = torch.mm(g, w, out=self.cast_buf[: stop - start])
+        if need_weight:
+            if self.weight.dtype == g.dtype:
+                self.weight.addmm_(g.t(), x)
+            else:
+                self.weight += g.t() @ x
+        if need_bias:
+            self.bias += g.sum(0, dtype=self.bias.dtype)
+
+    def result(self):
+        """(input, weight, bias) gradients in their tensors' dtypes."""
+        self.cast_buf = None
+        return tuple(grad.to(dtype) if needed else grad
+                     for grad, dtype, needed in zip((self.input, self.weight, self.bias), self.dtypes, self.needs))
