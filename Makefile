@@ -64,7 +64,7 @@ sass: build/.deps
 EMU_CSRC ?= csrc
 EMU_OUT ?= build/emu
 EMU_VARIANTS ?= plain asan tsan
-EMU_CXX ?= g++
+EMU_CXX ?= $(if $(shell command -v ccache),ccache g++,g++)
 EMU_COMMON := -std=c++17 -g -fno-strict-aliasing -pthread -Wall -Wno-unknown-pragmas -Itools/cuda_emu/include
 EMU_FLAGS_plain := -O2
 EMU_FLAGS_asan := -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer

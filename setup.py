@@ -1,7 +1,9 @@
 """Build of the fused_softmax_ce extension.
 
-CUDA is built when torch has CUDA and nvcc is found; FSCE_CUDA=0 skips it and
-FSCE_CUDA=1 requires it. TORCH_CUDA_ARCH_LIST picks the GPU architectures
+CUDA is built when torch has CUDA, nvcc is found and a GPU is visible;
+FSCE_CUDA=0 skips it and FSCE_CUDA=1 requires it (a machine with no GPU
+building for a GPU cluster, or CI). ccache, when on PATH, wraps the compilers
+(torch's BuildExtension does it). TORCH_CUDA_ARCH_LIST picks the GPU architectures
 (default: the visible GPU, else a list of current data-centre and desktop
 parts). Use `pip install --no-build-isolation .` so that the build compiles
 against the torch already installed (see README).
@@ -47,7 +49,9 @@ def _build_cuda():
             f"FSCE_CUDA=1 but torch {torch.__version__} has CUDA {torch.version.cuda} "
             f"and CUDA_HOME is {CUDA_HOME}; install a CUDA build of torch and the CUDA toolkit"
         )
-    return available if forced is None else forced
+    # Auto: only where the kernels can run; compiling them for six
+    # architectures on a machine with no GPU takes most of a fresh set-up.
+    return available and torch.cuda.is_available() if forced is None else forced
 
 
 def _extension():
