@@ -133,8 +133,9 @@ class Batch:
     log: str
 
 
-def run(cases, variant, out=None, timeout=1800):
-    """Runs the cases in one driver process of that build."""
+def run(cases, variant, out=None, timeout=900):
+    """Runs the cases in one driver process of that build; a driver that
+    outlives `timeout` seconds (a hang) is killed and reported."""
     driver = pathlib.Path(out or EMU_OUT) / variant / "driver"
     with tempfile.TemporaryDirectory() as tmp:
         cases_path, out_path = pathlib.Path(tmp, "cases"), pathlib.Path(tmp, "out")
@@ -143,18 +144,23 @@ def run(cases, variant, out=None, timeout=1800):
         cases_path.write_bytes(header + struct.pack("<I", len(cases)) + b"".join(c.encode() for c in cases))
         env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
                    TSAN_OPTIONS="halt_on_error=1:exitcode=66", UBSAN_OPTIONS="print_stacktrace=1")
-        proc = subprocess.run([str(driver), str(cases_path), str(out_path)], capture_output=True, text=True,
-                              env=env, timeout=timeout)
+        try:
+            proc = subprocess.run([str(driver), str(cases_path), str(out_path)], capture_output=True, text=True,
+                                  env=env, timeout=timeout)
+            returncode, stdout, log = proc.returncode, proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as e:
+            returncode, stdout = -9, ""
+            log = (e.stderr or b"").decode(errors="replace") + f"\nthe driver hung: killed after {timeout} s"
         data = out_path.read_bytes() if out_path.exists() else b""
     results = _decode(data, cases)
     launches, queries = {}, {}
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         words = line.split()
         if words[:1] == ["launch"]:
             launches[words[1]] = int(words[2])
         elif words[:1] == ["queries"]:
             queries = {words[1]: int(words[2]), words[3]: int(words[4])}
-    return Batch(results, launches, queries, proc.returncode, proc.stderr)
+    return Batch(results, launches, queries, returncode, log)
 
 
 def _decode(data, cases):

@@ -85,6 +85,8 @@ def verdict(batch, cases):
             if marker in log:
                 line = next(x for x in log.splitlines() if marker in x)
                 return f"{what}: {line.strip()[:110]}"
+        if "the driver hung" in log:
+            return "hang: " + log.strip().splitlines()[-1]
         return f"driver exit {batch.returncode}"
     for spec, got in zip(cases, batch.results):
         if got.error:
@@ -106,7 +108,8 @@ def main(names):
         root = mutate(name, old, new)
         E.build(csrc=root / "csrc", out=root / "emu")
         with concurrent.futures.ThreadPoolExecutor(len(E.VARIANTS)) as pool:
-            batches = dict(zip(E.VARIANTS, pool.map(lambda v: E.run(cases, v, out=root / "emu"), E.VARIANTS)))
+            batches = dict(zip(E.VARIANTS, pool.map(lambda v: E.run(cases, v, out=root / "emu", timeout=300),
+                                                    E.VARIANTS)))
         row = {"mutant": name, "bug": bug, **{v: verdict(batches[v], specs) for v in E.VARIANTS}}
         row["caught"] = any(row[v] for v in E.VARIANTS)
         rows.append(row)

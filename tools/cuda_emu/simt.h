@@ -21,24 +21,17 @@
 // - The runtime subset the launchers use, over emulated devices (H100's
 //   attributes unless configured), and fp16/bf16 rounding to nearest even.
 // What it cannot show: races between blocks, timing, the GPU memory model,
-// bank conflicts, occupancy and code generation (see the README).
+// bank conflicts, occupancy and code generation (docs/cuda-emulation.md).
+// Its types are in types.h, its runtime subset in runtime.h.
 #pragma once
 #include <math.h>  // the float overloads of exp, log, ... in the global namespace
-
-#include <algorithm>
-#include <chrono>
-#include <cstdarg>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <map>
-#include <mutex>
 #include <sys/mman.h>
 #include <ucontext.h>
-#include <stdexcept>
-#include <string>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -50,141 +43,10 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 
-// ---- built-in types ---------------------------------------------------------
-
-struct dim3 {
-  unsigned x, y, z;
-  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
-};
-struct uint3 {
-  unsigned x, y, z;
-};
-
-// Copies are member-wise: GCC's TSan leaves some whole-struct copies of
-// small structs uninstrumented, which would hide a race on a vector load.
-struct alignas(8) uint2 {
-  unsigned x, y;
-  uint2() = default;
-  uint2(const uint2& o) : x(o.x), y(o.y) {}
-  uint2& operator=(const uint2& o) {
-    x = o.x, y = o.y;
-    return *this;
-  }
-};
-struct alignas(16) uint4 {
-  unsigned x, y, z, w;
-  uint4() = default;
-  uint4(const uint4& o) : x(o.x), y(o.y), z(o.z), w(o.w) {}
-  uint4& operator=(const uint4& o) {
-    x = o.x, y = o.y, z = o.z, w = o.w;
-    return *this;
-  }
-};
-
-#define FSCE_EMU_HALF_TYPE(name)          \
-  struct name {                           \
-    uint16_t bits;                        \
-    name() = default;                     \
-    name(const name& o) : bits(o.bits) {} \
-    name& operator=(const name& o) {      \
-      bits = o.bits;                      \
-      return *this;                       \
-    }                                     \
-  }
-FSCE_EMU_HALF_TYPE(__half);
-FSCE_EMU_HALF_TYPE(__nv_bfloat16);
-#undef FSCE_EMU_HALF_TYPE
-
-inline float __half2float(__half h) {
-  _Float16 f;
-  std::memcpy(&f, &h.bits, 2);
-  return static_cast<float>(f);
-}
-inline __half __float2half_rn(float f) {  // _Float16 converts with round-to-nearest-even
-  const _Float16 h = static_cast<_Float16>(f);
-  __half out;
-  std::memcpy(&out.bits, &h, 2);
-  return out;
-}
-inline float __bfloat162float(__nv_bfloat16 b) {
-  const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  __nv_bfloat16 out;
-  if ((u & 0x7fffffffu) > 0x7f800000u)
-    out.bits = static_cast<uint16_t>((u >> 16) | 0x40);  // a quiet nan
-  else
-    out.bits = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-  return out;
-}
-
-inline thread_local uint3 threadIdx{0, 0, 0};
-inline thread_local uint3 blockIdx{0, 0, 0};
-inline thread_local dim3 blockDim;
-inline thread_local dim3 gridDim;
-constexpr int warpSize = 32;
-
-// ---- the runtime subset -----------------------------------------------------
-
-enum cudaError_t : int {
-  cudaSuccess = 0,
-  cudaErrorInvalidValue = 1,
-  cudaErrorInvalidConfiguration = 9,
-  cudaErrorInvalidDevice = 101,
-};
-struct CUstream_st;
-using cudaStream_t = CUstream_st*;
-enum cudaDeviceAttr : int {
-  cudaDevAttrMultiProcessorCount = 16,
-  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
-  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
-};
-enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-struct cudaFuncAttributes {
-  size_t sharedSizeBytes, constSizeBytes, localSizeBytes;
-  int maxThreadsPerBlock, numRegs, ptxVersion, binaryVersion, cacheModeCA, maxDynamicSharedSizeBytes;
-};
+#include "runtime.h"
+#include "types.h"
 
 namespace fsce::emu {
-
-[[noreturn]] inline void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-inline void fail(const char* fmt, ...) {
-  va_list args;
-  va_start(args, fmt);
-  std::fprintf(stderr, "fsce-emu error: ");
-  std::vfprintf(stderr, fmt, args);
-  std::fprintf(stderr, " (block %u, thread %u)\n", blockIdx.x, threadIdx.x);
-  va_end(args);
-  std::fflush(stderr);
-  std::_Exit(86);
-}
-
-struct Device {
-  int sm_count, smem_per_sm, smem_per_block_optin;
-};
-constexpr Device kH100{132, 228 * 1024, 227 * 1024};
-constexpr int kDefaultSmem = 48 * 1024;
-
-// Process-wide state: the devices, each kernel's opt-in, and counters the
-// driver reports (launches per kernel family, attribute queries).
-struct Runtime {
-  std::mutex m;
-  std::vector<Device> devices{kH100};
-  std::map<std::pair<int, const void*>, int> dynamic_smem_limit;
-  std::map<std::string, int64_t> launches;
-  int64_t device_queries = 0, function_queries = 0;
-};
-inline Runtime& runtime() {
-  static Runtime r;
-  return r;
-}
-inline thread_local int current_device = 0;
-inline thread_local cudaError_t last_error = cudaSuccess;
 
 // ---- sanitizer hooks: fibers and the happens-before TSan sees --------------
 
@@ -514,13 +376,6 @@ T* dynamic_shared() {
   return static_cast<T*>(Launch::current()->dynamic_shared());
 }
 
-inline int dynamic_smem_limit(const void* kernel) {
-  Runtime& rt = runtime();
-  std::lock_guard<std::mutex> lock(rt.m);
-  const auto it = rt.dynamic_smem_limit.find({current_device, kernel});
-  return it == rt.dynamic_smem_limit.end() ? kDefaultSmem : it->second;
-}
-
 // kernel<<<grid, block, smem, stream>>>(args...): FSCE_LAUNCH builds one,
 // and its call runs the kernel to completion (streams are synchronous here).
 template <typename Kernel>
@@ -597,72 +452,3 @@ V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = warpSize, c
                   int line = __builtin_LINE()) {
   return fsce::emu::shuffle_xor(mask, value, lane_mask, width, {file, line});
 }
-
-inline cudaError_t cudaGetDevice(int* device) {
-  *device = fsce::emu::current_device;
-  return cudaSuccess;
-}
-inline cudaError_t cudaSetDevice(int device) {
-  auto& rt = fsce::emu::runtime();
-  std::lock_guard<std::mutex> lock(rt.m);
-  if (device < 0 || device >= static_cast<int>(rt.devices.size())) return cudaErrorInvalidDevice;
-  fsce::emu::current_device = device;
-  return cudaSuccess;
-}
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  auto& rt = fsce::emu::runtime();
-  std::lock_guard<std::mutex> lock(rt.m);
-  if (device < 0 || device >= static_cast<int>(rt.devices.size())) return cudaErrorInvalidDevice;
-  ++rt.device_queries;
-  const fsce::emu::Device& d = rt.devices[device];
-  switch (attr) {
-    case cudaDevAttrMultiProcessorCount: *value = d.sm_count; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = d.smem_per_sm; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d.smem_per_block_optin; return cudaSuccess;
-  }
-  return cudaErrorInvalidValue;
-}
-// Static shared memory is not sized by the emulation (sharedSizeBytes = 0).
-template <typename Kernel>
-cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, Kernel) {
-  auto& rt = fsce::emu::runtime();
-  std::lock_guard<std::mutex> lock(rt.m);
-  ++rt.function_queries;
-  *attr = cudaFuncAttributes{};
-  attr->maxThreadsPerBlock = 1024;
-  return cudaSuccess;
-}
-template <typename Kernel>
-cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute attr, int value) {
-  auto& rt = fsce::emu::runtime();
-  std::lock_guard<std::mutex> lock(rt.m);
-  const int device = fsce::emu::current_device;
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
-      value > rt.devices[device].smem_per_block_optin)
-    return cudaErrorInvalidValue;
-  rt.dynamic_smem_limit[{device, reinterpret_cast<const void*>(kernel)}] = value;
-  return cudaSuccess;
-}
-inline cudaError_t cudaGetLastError() {
-  const cudaError_t e = fsce::emu::last_error;
-  fsce::emu::last_error = cudaSuccess;
-  return e;
-}
-inline const char* cudaGetErrorString(cudaError_t e) {
-  switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorInvalidDevice: return "invalid device ordinal";
-  }
-  return "unknown error";
-}
-
-#define C10_CUDA_CHECK(expr)                                                                   \
-  do {                                                                                         \
-    const cudaError_t fsce_emu_err = (expr);                                                   \
-    if (fsce_emu_err != cudaSuccess)                                                           \
-      throw std::runtime_error(std::string("CUDA error: ") + cudaGetErrorString(fsce_emu_err) + \
-                               " at " __FILE__ ":" + std::to_string(__LINE__));                \
-  } while (0)
-#define C10_CUDA_KERNEL_LAUNCH_CHECK() C10_CUDA_CHECK(cudaGetLastError())
