@@ -1,0 +1,150 @@
+// A CPU row and what a launch's rows share (Stats, Probs, Row, Recipe), and
+// the strided scalar path that spatial rows and float64 take.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../params.h"
+#include "../row_math.h"
+#include "simd.h"  // FSCE_VINLINE
+
+namespace fsce::cpu {
+// Included by kernels.cpp alone (one translation unit): internal linkage.
+namespace {
+
+// A row's pass over v: max m, log_s = log sum exp(v - m), the a_j sums, and
+// (with stats) the first argmax of v and of a probability target.
+template <typename acc_t>
+struct Stats {
+  acc_t m, log_s, sum_a, sum_az;
+  int64_t pred, target_pred;
+};
+
+// A row's probability target, stored in the logits' dtype or, when the
+// caller's dtype differed, in the accumulation type (see CEParams).
+template <typename T>
+struct Probs {
+  using acc_t = typename AccOf<T>::type;
+  const T* own;
+  const acc_t* acc;
+
+  explicit operator bool() const { return own || acc; }
+  FSCE_VINLINE acc_t at(int64_t i) const { return acc ? acc[i] : static_cast<acc_t>(own[i]); }
+  FSCE_VINLINE vfloat vec(int64_t j, int count) const {
+    if (count == kLanes) return acc ? loadv(acc + j) : loadv(own + j);
+    return acc ? load_partial(acc + j, count, 0.f) : load_partial(own + j, count, 0.f);
+  }
+};
+
+// One row, resolved from the params: element j of the row is at [j * step].
+template <typename T>
+struct Row {
+  const T* z;
+  Probs<T> t;  // probability target, or empty
+  T* g;        // gradient destination or nullptr
+  int64_t step;
+};
+
+template <typename T>
+FSCE_VINLINE Row<T> row_at(const CEParams& p, int64_t r) {
+  using acc_t = typename AccOf<T>::type;
+  const RowOffsets off = row_offsets(p, r);
+  Row<T> row;
+  row.z = static_cast<const T*>(p.logits) + off.logits;
+  row.t = {nullptr, nullptr};
+  if (p.target_prob && p.target_prob_acc)
+    row.t.acc = static_cast<const acc_t*>(p.target_prob) + off.target;
+  else if (p.target_prob)
+    row.t.own = static_cast<const T*>(p.target_prob) + off.target;
+  row.g = p.grad ? static_cast<T*>(p.grad) + off.grad : nullptr;
+  row.step = p.inner;
+  return row;
+}
+
+// What every row of a launch shares: the class weights, eps, 1/C, the
+// transform, whether the argmax statistics are wanted, whether the values are
+// bounded (see absorb_bounded), and the softcap's tanh table or nullptr (see
+// fill_tanh_table).
+template <typename acc_t, int TR>
+struct Recipe {
+  const acc_t* w;
+  acc_t eps, inv_c;
+  LogitTransform<TR, acc_t> tr;
+  bool stats, bounded;
+  const float* tanh_table;
+};
+
+// Softcapped values lie in [-cap, cap]; for cap <= 43, exp(v - cap) >=
+// exp(-2 cap) is still a normal float.
+constexpr double kMaxBoundedCap = 43.0;
+
+template <typename acc_t, int TR>
+FSCE_VINLINE Recipe<acc_t, TR> recipe_of(const CEParams& p, const float* tanh_table) {
+  return {static_cast<const acc_t*>(p.weight), static_cast<acc_t>(p.label_smoothing),
+          acc_t(1) / static_cast<acc_t>(p.total_classes), logit_transform<TR, acc_t>(p),
+          p.pred != nullptr, TR == kSoftcap && p.softcap <= kMaxBoundedCap, tanh_table};
+}
+
+// ---------------------------------------------------------------- scalar path
+
+template <typename T, typename acc_t, int TR>
+FSCE_VINLINE acc_t coef_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t j, int mode) {
+  const acc_t wj = rc.w ? rc.w[j] : acc_t(1);
+  if (mode != kProb) return wj;
+  return prob_coef<acc_t>(row.t.at(j * row.step), wj, rc.eps, rc.inv_c);
+}
+
+template <typename T, typename acc_t, int TR>
+FSCE_VINLINE Stats<acc_t> stats_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C,
+                                       int mode, acc_t pivot) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity(), t_max = m;
+  int64_t pred = C > 0 ? 0 : -1, target_pred = pred;
+  for (int64_t j = 0; j < C; ++j) {
+    const acc_t v = rc.tr.value(static_cast<acc_t>(row.z[j * row.step]));
+    if (v > m || v != v) {
+      if (m == m) pred = j;  // the first nan, or the first strict maximum
+      m = v;
+    }
+    if (rc.stats && mode == kProb) {
+      const acc_t t = row.t.at(j * row.step);
+      if (t > t_max) t_max = t, target_pred = j;
+    }
+  }
+  const acc_t shift = std::isinf(m) && m < 0 ? acc_t(0) : m;
+  acc_t s = 0, sa = 0, saz = 0;
+  for (int64_t j = 0; j < C; ++j) {
+    const acc_t v = rc.tr.value(static_cast<acc_t>(row.z[j * row.step]));
+    s += std::exp(v - shift);
+    if (mode != kPlain) {
+      const acc_t a = coef_scalar(row, rc, j, mode);
+      sa += a;
+      saz += a * (v - pivot);
+    }
+  }
+  return {m, std::log(s), sa, saz, pred, target_pred};
+}
+
+template <typename T, typename acc_t, int TR>
+FSCE_VINLINE acc_t sum_coef_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C) {
+  acc_t sa = 0;
+  for (int64_t j = 0; j < C; ++j) sa += coef_scalar(row, rc, j, kProb);
+  return sa;
+}
+
+template <typename T, typename acc_t, int TR>
+FSCE_VINLINE void grad_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C, int mode,
+                              acc_t lse_hi, acc_t lse_lo, GradCoefs<acc_t> c, int64_t y) {
+  for (int64_t j = 0; j < C; ++j) {
+    acc_t slope;
+    const acc_t v = rc.tr.value_slope(static_cast<acc_t>(row.z[j * row.step]), slope);
+    acc_t d = c.gA * std::exp((v - lse_hi) - lse_lo);
+    if (mode != kPlain) d -= c.gk * coef_scalar(row, rc, j, mode);
+    if (j == y) d -= c.gy;
+    row.g[j * row.step] = static_cast<T>(TR == kIdentity ? d : d * slope);
+  }
+}
+
+}  // namespace
+}  // namespace fsce::cpu
