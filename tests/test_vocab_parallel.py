@@ -285,6 +285,40 @@ def check_class_weight_grad(sizes, rank, group, seed):
                                        process_group=group)
 
 
+def check_zero_weight_sum(sizes, rank, group, seed):
+    """A smoothed, weighted mean whose target weights sum to 0 (the nll and
+    smoothing parts divided apart): PyTorch's infinities, in both modes and
+    through linear_cross_entropy."""
+    import torch.nn.functional as F
+
+    import fused_softmax_ce
+
+    torch.manual_seed(seed)  # the same full problem on every rank
+    total = sum(sizes)
+    local = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    h = 3
+    x, w = torch.randn(6, h, dtype=torch.float64), torch.randn(total, h, dtype=torch.float64)
+    weight = torch.rand(total, dtype=torch.float64) + 0.5
+    y = torch.tensor([0, total - 1, 0, total - 1, -100, 0])
+    logits = x @ w.T
+    # 3 rows of class 0, 2 of the last: sum of w_y = 0 exactly. The sign that
+    # makes the nll and smoothing parts agree gives an infinity (else nan).
+    for sign in (1.0, -1.0):
+        weight[0], weight[total - 1] = sign, -1.5 * sign
+        expected = F.cross_entropy(logits, y, weight=weight, label_smoothing=0.2)
+        if expected.isinf():
+            break
+    assert expected.isinf(), expected  # the case: PyTorch's infinity (nan before)
+    for inplace in (False, True):
+        z = logits[:, local].clone().requires_grad_() * 1
+        got = fused_softmax_ce.cross_entropy(z, y, weight=weight[local], label_smoothing=0.2,
+                                             inplace_backward=inplace, process_group=group)
+        assert torch.equal(got, expected), (inplace, got, expected)
+    got = fused_softmax_ce.linear_cross_entropy(x, w[local], y, weight=weight[local], label_smoothing=0.2,
+                                                chunk_size=4, process_group=group)
+    assert torch.equal(got, expected), (got, expected)
+
+
 def check_linear_autocast(sizes, rank, group, seed):
     """Under autocast the loss is float32, as PyTorch's on the full weight."""
     import torch.nn.functional as F
@@ -391,6 +425,11 @@ def test_vocab_parallel_matches_full_logits(sizes):
 @pytest.mark.parametrize("sizes", [(3, 5)], ids=str)
 def test_vocab_parallel_class_weight_grad(sizes):
     run_group(list(sizes), check_class_weight_grad)
+
+
+@pytest.mark.parametrize("sizes", [(3, 5), (2, 4, 3)], ids=str)
+def test_vocab_parallel_zero_weight_sum(sizes):
+    run_group(list(sizes), check_zero_weight_sum)
 
 
 @pytest.mark.parametrize("sizes", [(3, 5)], ids=str)

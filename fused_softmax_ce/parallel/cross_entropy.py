@@ -11,42 +11,44 @@ from .._finish import finish
 from .._inplace import scale_saved_grad_once
 from .._layout import is_rows_view, layout, resolve_target
 from .._ops import ops
-from .shards import combine_shards, group_of, reducer, refuse_create_graph, shard_grad_lse, shard_of, stat_columns
+from .shards import (combine_shards, group_of, reducer, refuse_create_graph, shard_grad_lse, shard_of, stat_columns,
+                     target_values)
 
 # The in-place mode writes the exact gradient into the logits in row chunks
 # of about this many elements: the only N x C-sized memory it allocates.
 INPLACE_CHUNK = 1 << 22
 
 
-def _gather_rows(x3, target, weight, options, stats, group, shard, agreed):
-    """Runs the shard's forward, then `combine_shards`."""
+def _gather_rows(x3, target, weight, options, stats, group, shard, agreed, nll):
+    """Runs the shard's forward, then `combine_shards` (nll: with the
+    smoothed mean's nll part)."""
     loss_k, lse_k, *row_stats = ops.ce_forward(x3, target, weight, *options.op_args(), stats, *shard)
     cols = stat_columns(x3, target, row_stats, options, shard) if stats else []
+    v_y = target_values(x3, target, options, shard) if nll else None
     return combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, group, shard, x3.shape[1],
-                          agreed)
+                          agreed, v_y)
 
 
 class VocabParallelFn(torch.autograd.Function):
-    """(loss_rows, lse, w_y_sum, *the row statistics) of the global rows; the
-    gradient reaches this rank's logits and probability-target shard."""
+    """(loss_rows, lse, w_y_sum, nll_sum, *the row statistics) of the global
+    rows; the gradient reaches this rank's logits and probability-target shard."""
 
     @staticmethod
-    def forward(ctx, x3, target, weight, options, stats, group, shard, agreed):
-        loss, lse, A_rest, w_y_sum, row_stats = _gather_rows(
-            x3, target, weight, options, stats, group, shard, agreed)
+    def forward(ctx, x3, target, weight, options, stats, group, shard, agreed, nll):
+        loss, lse, A_rest, w_y_sum, nll_sum, row_stats = _gather_rows(
+            x3, target, weight, options, stats, group, shard, agreed, nll)
         ctx.save_for_backward(x3, target, weight, lse, A_rest)
         ctx.options, ctx.shard = options, shard
         ctx.mark_non_differentiable(*row_stats)
-        if w_y_sum is not None:
-            ctx.mark_non_differentiable(w_y_sum)
+        ctx.mark_non_differentiable(*(t for t in (w_y_sum, nll_sum) if t is not None))
         ctx.set_materialize_grads(False)
-        return loss, lse, w_y_sum, *row_stats
+        return loss, lse, w_y_sum, nll_sum, *row_stats
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, *_):
         refuse_create_graph()
         x3, target, weight, lse, A_rest = ctx.saved_tensors
-        none = (None,) * 5
+        none = (None,) * 6
         if ctx.needs_input_grad[2] and not target.is_floating_point():
             raise RuntimeError("the derivative for 'weight' is not implemented.")
         if grad_loss is None and grad_lse is None:
@@ -80,9 +82,9 @@ class InplaceVocabParallelFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x3, target, weight, options, stats, group, shard, agreed, reduce):
-        loss_rows, lse, A_rest, w_y_sum, row_stats = _gather_rows(
-            x3, target, weight, options, stats, group, shard, agreed)
-        loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum)
+        loss_rows, lse, A_rest, w_y_sum, nll_sum, row_stats = _gather_rows(
+            x3, target, weight, options, stats, group, shard, agreed, reduce.needs_nll)
+        loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum, nll_sum)
         acc = acc_dtype(x3.dtype)
         g = grad_scale.to(acc).expand(lse.shape)
         h = shard_grad_lse(g, A_rest, lse, lse_grad_scale, acc)
@@ -136,7 +138,7 @@ def vocab_parallel_cross_entropy(input, target, weight, reduction, options, inpl
         loss, z_loss, lse, *row_stats = InplaceVocabParallelFn.apply(
             x3, t, weight, options, return_stats, group, shard, agreed, reduce)
     else:
-        loss_rows, lse, w_y_sum, *row_stats = VocabParallelFn.apply(
-            x3, t, weight, options, return_stats, group, shard, agreed)
-        loss, z_loss = reduce(loss_rows, lse, w_y_sum)[:2]
+        loss_rows, lse, w_y_sum, nll_sum, *row_stats = VocabParallelFn.apply(
+            x3, t, weight, options, return_stats, group, shard, agreed, reduce.needs_nll)
+        loss, z_loss = reduce(loss_rows, lse, w_y_sum, nll_sum)[:2]
     return finish(loss, z_loss, lse, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid, count)

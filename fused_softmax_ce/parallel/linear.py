@@ -31,7 +31,8 @@ import torch
 from .._chunks import Grads, cast, chunks, compute_dtype
 from .._finish import RowStats
 from .._ops import acc_dtype, ops
-from .shards import combine_shards, group_of, reducer, refuse_create_graph, shard_grad_lse, shard_of, stat_columns
+from .shards import (combine_shards, group_of, reducer, refuse_create_graph, shard_grad_lse, shard_of, stat_columns,
+                     target_values)
 
 
 class VocabParallelLinearFn(torch.autograd.Function):
@@ -45,7 +46,7 @@ class VocabParallelLinearFn(torch.autograd.Function):
         (w, b), cw = cast(cdt, linear_weight, linear_bias), weight  # the kernels read cw in float32
         loss_k = torch.empty(n, dtype=acc_dtype(cdt), device=device)
         lse_k = torch.empty(n, dtype=torch.float64, device=device)
-        cols = []
+        cols, v_y = [], []
         # The matmuls run in cdt as chosen here, not in an enclosing autocast's dtype.
         with torch.autocast(device.type, enabled=False):
             for start, stop, _x, logits in chunks(input, w, b, cdt, chunk_size):
@@ -54,12 +55,14 @@ class VocabParallelLinearFn(torch.autograd.Function):
                     logits, t, cw, *options.op_args(), stats, *shard)
                 if stats:
                     cols.append(torch.stack(stat_columns(logits, t, row_stats, options, shard)))
+                if reduce.needs_nll:
+                    v_y.append(target_values(logits, t, options, shard))
         # The per-row values come out of the all_gather; none pass through.
         no_stats = [torch.empty(0, dtype=torch.long, device=device) for _ in RowStats._fields]
-        loss_rows, lse, A_rest, w_y_sum, row_stats = combine_shards(
+        loss_rows, lse, A_rest, w_y_sum, nll_sum, row_stats = combine_shards(
             loss_k, lse_k, list(torch.cat(cols, 1)) if cols else [], no_stats, target, weight, options, group,
-            shard, linear_weight.shape[0], agreed)
-        loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum)
+            shard, linear_weight.shape[0], agreed, torch.cat(v_y) if v_y else None)
+        loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum, nll_sum)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, A_rest, grad_scale,
                               lse_grad_scale)
         ctx.options, ctx.shard, ctx.args = options, shard, (chunk_size, grad_acc_dtype)

@@ -118,6 +118,16 @@ def _value_at(x3, index, options):
     return D.effective_logits(x3.gather(1, idx), options).reshape(-1).double()
 
 
+def target_values(x3, target, options, shard):
+    """The effective logit at each row's class-index target where this shard
+    holds it (float64), 0 elsewhere: read before an in-place kernel writes."""
+    local = target.reshape(-1) - shard.class_offset
+    here = (local >= 0) & (local < x3.shape[1])
+    if x3.shape[1] == 0:
+        return torch.zeros(local.shape, dtype=torch.float64, device=x3.device)
+    return torch.where(here, _value_at(x3, torch.where(here, local, 0), options), 0.0)
+
+
 def stat_columns(x3, target, row_stats, options, shard):
     """The per-row values the stats gather (float64), from the shard's
     `RowStats`: its max effective logit and its argmax, and for probability
@@ -131,10 +141,14 @@ def stat_columns(x3, target, row_stats, options, shard):
     return cols
 
 
-def combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, group, shard, n_classes, agreed):
+def combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, group, shard, n_classes, agreed,
+                   v_y=None):
     """The all_gather of the shard's per-row (lse_k, L_k, A_k) and stat
-    columns: (loss_rows, lse, A - A_k, sum of w_y or None, `RowStats`), all
-    global; the row statistics pass through without stats."""
+    columns: (loss_rows, lse, A - A_k, sum of w_y or None, the smoothed
+    loss's nll part or None, `RowStats`), all global; the row statistics pass
+    through without stats. With v_y (`target_values`), the rows' w_y and
+    w_y v_y travel too, for the nll part (1 - eps) sum w_y (lse - v_y) that
+    PyTorch's smoothed mean divides apart (see `reduce_rows`)."""
     pred, target_pred = RowStats(*row_stats)
     A_k, w_y = _shard_coefficient(target, weight, options, shard, n_classes)
     # (L_k, A_k) travel in the accumulation type, the kernels' own precision:
@@ -142,7 +156,8 @@ def combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, grou
     pair = torch.stack([loss_k, A_k.to(loss_k.dtype)], 1).view(torch.float64).reshape(-1)
     rows = lse_k.numel()
     extra = [w_y.sum().reshape(1)] if w_y is not None and weight is not None else []
-    payload = torch.cat([lse_k, pair] + cols + extra + [agreed.double().reshape(1)])
+    nll_cols = [w_y, w_y * v_y] if v_y is not None else []
+    payload = torch.cat([lse_k, pair] + cols + nll_cols + extra + [agreed.double().reshape(1)])
     world = dist.get_world_size(group)
     every = payload.new_empty(world, payload.numel())
     dist.all_gather_single(every, payload.unsqueeze(0), group=group)
@@ -156,7 +171,10 @@ def combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, grou
     lse_all = every[:, :rows]
     pairs = every[:, rows:rows + pair.numel()].view(loss_k.dtype).reshape(world, rows, 2).double()
     loss_all, A_all = pairs[..., 0], pairs[..., 1]
-    per_row = every[:, rows + pair.numel():rows + pair.numel() + len(cols) * rows].reshape(world, len(cols), rows)
+    start = rows + pair.numel()
+    per_row = every[:, start:start + len(cols) * rows].reshape(world, len(cols), rows)
+    start += len(cols) * rows
+    nll_rows = every[:, start:start + len(nll_cols) * rows].reshape(world, len(nll_cols), rows).sum(0)
     lse = torch.logsumexp(lse_all, 0)
     if not target.is_floating_point():
         lse = torch.where(target != options.ignore_index, lse, 0.0)  # the kernels' 0 for ignored rows
@@ -169,7 +187,8 @@ def combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, grou
         if target.is_floating_point():
             target_pred = _first_max(per_row[:, 2], per_row[:, 3]).long()
     w_y_sum = every[:, -1].sum() if extra else None
-    return loss, lse, A_rest, w_y_sum, RowStats(pred, target_pred)
+    nll_sum = (1 - options.label_smoothing) * (nll_rows[0] * lse - nll_rows[1]).sum() if nll_cols else None
+    return loss, lse, A_rest, w_y_sum, nll_sum, RowStats(pred, target_pred)
 
 
 def shard_grad_lse(g, A_rest, lse, lse_grad, acc):
@@ -197,22 +216,24 @@ def reducer(reduction, weight, valid, count, options, acc):
     """reduce(loss_rows, lse, w_y_sum) -> (loss, z_loss, the loss's gradient
     scale, the lse's gradient per unit lse), for the global rows; `count` is
     the number of rows not ignored, `valid` those rows (None: all)."""
-    # A smoothed weighted mean over a zero weight sum is nan here: PyTorch's
-    # whenever no row has weight, but not its infinity for weights that sum
-    # to 0, which needs the nll part alone (another collective).
-    zero_nll = weight is not None and valid is not None and options.label_smoothing
+    # A smoothed weighted mean over a zero weight sum divides its nll and
+    # smoothing parts apart, as PyTorch: the nll part comes from
+    # combine_shards (reduce.needs_nll: pass it target_values).
     z_loss_scale = options.z_loss_scale
 
-    def reduce(loss_rows, lse, w_y_sum):
+    def reduce(loss_rows, lse, w_y_sum, nll_sum=None):
         mean = reduction == "mean"
         den = (count if valid is None or weight is None else w_y_sum.to(acc)) if mean else None
         z_den = count if mean else None
-        loss = reduce_rows(loss_rows, reduction, den, torch.zeros_like(den) if zero_nll and mean else None)
+        loss = reduce_rows(loss_rows, reduction, den, nll_sum.to(acc) if reduce.needs_nll else None)
         grad_scale, lse_grad_scale = grad_scales(reduction, den, z_loss_scale, z_den, acc, loss.device)
         if not z_loss_scale:
             return loss, torch.zeros_like(loss), grad_scale, None
         z_loss = reduce_rows(z_loss_rows(lse, valid, z_loss_scale, acc), reduction, z_den)
         return loss + z_loss, z_loss, grad_scale, lse_grad_scale
+
+    reduce.needs_nll = bool(reduction == "mean" and weight is not None and valid is not None
+                            and options.label_smoothing)
     return reduce
 
 
