@@ -15,6 +15,8 @@ import tempfile
 
 import torch
 
+from fused_softmax_ce._derivatives import acc_dtype  # the kernels' accumulation dtype
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The mutation check narrows this with FSCE_EMU_VARIANTS; `make test` runs all three.
 VARIANTS = tuple(os.environ.get("FSCE_EMU_VARIANTS", "plain asan tsan").split())
@@ -44,10 +46,6 @@ def build(csrc=None, out=None, variants=VARIANTS):
         args.append(f"EMU_CSRC={csrc}")
     args.append(f"EMU_OUT={out or EMU_OUT}")
     subprocess.run(args, check=True)
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def storage_span(t):
