@@ -174,19 +174,21 @@ void check_device_scalar(const at::Tensor& t, const at::Tensor& logits, const ch
 }
 
 // The forward's common tail: target check, per-row outputs (loss in the
-// accumulation type, lse in float64, with stats the argmaxes in int64, else
-// empty), scratch, launch.
+// accumulation type, lse in float64, with stats the entropy in the
+// accumulation type and the argmaxes in int64, else empty), scratch, launch.
 ForwardOutputs forward_tail(const Kernels& k, Prepared& pr, bool stats, bool write_grad) {
   if (k.check_targets && pr.p.target_index) k.check_targets(pr.p);
   const auto opts = pr.logits.options().dtype(acc_type(pr.logits));
   at::Tensor loss = at::empty({pr.p.rows}, opts);
   at::Tensor lse = at::empty({pr.p.rows}, opts.dtype(at::kDouble));
+  at::Tensor entropy = at::empty({stats ? pr.p.rows : 0}, opts);
   at::Tensor pred = at::empty({stats ? pr.p.rows : 0}, opts.dtype(at::kLong));
   at::Tensor target_pred =
       at::empty({stats && pr.p.target_prob ? pr.p.rows : 0}, opts.dtype(at::kLong));
   pr.p.loss = loss.data_ptr();
   pr.p.lse = lse.data_ptr();
   if (stats) {
+    pr.p.entropy = entropy.data_ptr();
     pr.p.pred = pred.data_ptr<int64_t>();
     if (pr.p.target_prob) pr.p.target_pred = target_pred.data_ptr<int64_t>();
   }
@@ -197,7 +199,7 @@ ForwardOutputs forward_tail(const Kernels& k, Prepared& pr, bool stats, bool wri
     pr.p.workspace = workspace.data_ptr();
   }
   if (pr.p.rows > 0) k.forward(pr.p, write_grad);
-  return {loss, lse, pred, target_pred};
+  return {loss, lse, entropy, pred, target_pred};
 }
 
 }  // namespace
@@ -211,7 +213,8 @@ ForwardOutputs run_forward(const Kernels& k, const at::Tensor& logits, const at:
 at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_output,
                         const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
                         const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                        const at::Tensor& lse, const RowOptions& o) {
+                        const at::Tensor& lse, const std::optional<at::Tensor>& grad_entropy,
+                        const std::optional<at::Tensor>& entropy, const RowOptions& o) {
   Prepared pr = prepare(logits, target, weight, o);
   check_rows_tensor(grad_output, pr.p.rows, acc_type(logits), logits, "grad_output");
   check_rows_tensor(lse, pr.p.rows, at::kDouble, logits, "lse");
@@ -222,6 +225,16 @@ at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_output,
     check_rows_tensor(*grad_lse, pr.p.rows, grad_lse->scalar_type(), logits, "grad_lse");
     grad_lse_c = grad_lse->to(acc_type(logits)).contiguous();
     pr.p.grad_lse = grad_lse_c.data_ptr();
+  }
+  at::Tensor grad_entropy_c, entropy_c;
+  if (grad_entropy.has_value()) {
+    TORCH_CHECK(entropy.has_value(), "fused_softmax_ce: grad_entropy needs the forward's entropy");
+    check_rows_tensor(*grad_entropy, pr.p.rows, grad_entropy->scalar_type(), logits, "grad_entropy");
+    check_rows_tensor(*entropy, pr.p.rows, acc_type(logits), logits, "entropy");
+    grad_entropy_c = grad_entropy->to(acc_type(logits)).contiguous();
+    entropy_c = entropy->contiguous();
+    pr.p.grad_entropy = grad_entropy_c.data_ptr();
+    pr.p.entropy = const_cast<void*>(entropy_c.data_ptr());
   }
   at::Tensor grad = gradient_like(pr.logits);
   pr.p.lse = const_cast<void*>(lse_c.data_ptr());
@@ -238,7 +251,8 @@ ForwardOutputs run_forward_inplace(const Kernels& k, const at::Tensor& logits,
                                    const std::optional<at::Tensor>& weight,
                                    const at::Tensor& grad_scale,
                                    const std::optional<at::Tensor>& lse_grad_scale,
-                                   const RowOptions& o, bool stats) {
+                                   const std::optional<at::Tensor>& token_weight, const RowOptions& o,
+                                   bool stats) {
   TORCH_CHECK((logits.dim() == 2 || logits.dim() == 3) && blocks_contiguous(logits),
               "fused_softmax_ce: inplace_backward writes the gradient into the logits, so their "
               "class (and spatial) dimensions must be contiguous; got shape ",
@@ -253,6 +267,12 @@ ForwardOutputs run_forward_inplace(const Kernels& k, const at::Tensor& logits,
     check_device_scalar(*lse_grad_scale, logits, "lse_grad_scale");
     lse_scale = lse_grad_scale->contiguous();
     pr.p.lse_grad_scale = lse_scale.data_ptr();
+  }
+  at::Tensor row_weight;
+  if (token_weight.has_value()) {
+    check_rows_tensor(*token_weight, pr.p.rows, acc_type(logits), logits, "token_weight");
+    row_weight = token_weight->contiguous();
+    pr.p.row_weight = row_weight.data_ptr();
   }
   pr.p.grad = logits.data_ptr();
   pr.p.grad_outer_stride = logits.stride(0);

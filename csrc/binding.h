@@ -31,8 +31,8 @@ struct RowOptions {
   FSCE_SHARD_OPTIONS(FSCE_OPTION_MEMBER)
 };
 
-// loss, lse, pred, target_pred (the last two empty without stats).
-using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// loss, lse, entropy, pred, target_pred (the last three empty without stats).
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 ForwardOutputs run_forward(const Kernels& k, const at::Tensor& logits, const at::Tensor& target,
                            const std::optional<at::Tensor>& weight, const RowOptions& o, bool stats);
@@ -40,14 +40,16 @@ ForwardOutputs run_forward(const Kernels& k, const at::Tensor& logits, const at:
 at::Tensor run_backward(const Kernels& k, const at::Tensor& grad_output,
                         const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
                         const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                        const at::Tensor& lse, const RowOptions& o);
+                        const at::Tensor& lse, const std::optional<at::Tensor>& grad_entropy,
+                        const std::optional<at::Tensor>& entropy, const RowOptions& o);
 
 ForwardOutputs run_forward_inplace(const Kernels& k, const at::Tensor& logits,
                                    const at::Tensor& target,
                                    const std::optional<at::Tensor>& weight,
                                    const at::Tensor& grad_scale,
                                    const std::optional<at::Tensor>& lse_grad_scale,
-                                   const RowOptions& o, bool stats);
+                                   const std::optional<at::Tensor>& token_weight, const RowOptions& o,
+                                   bool stats);
 
 void run_scale_grad(const Kernels& k, const at::Tensor& grad, const at::Tensor& grad_output);
 
@@ -69,20 +71,23 @@ struct BackendOps {
   static at::Tensor backward(const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_lse,
                              const at::Tensor& logits, const at::Tensor& target,
                              const std::optional<at::Tensor>& weight,
-                             const at::Tensor& lse FSCE_ROW_OPTIONS(FSCE_OPTION_PARAM)
-                                 FSCE_SHARD_OPTIONS(FSCE_OPTION_PARAM)) {
+                             const at::Tensor& lse FSCE_ROW_OPTIONS(FSCE_OPTION_PARAM),
+                             const std::optional<at::Tensor>& grad_entropy,
+                             const std::optional<at::Tensor>& entropy FSCE_SHARD_OPTIONS(FSCE_OPTION_PARAM)) {
     Guard guard(logits.device());
-    return run_backward(*K, grad_output, grad_lse, logits, target, weight, lse, FSCE_ROW_OPTION_VALUES);
+    return run_backward(*K, grad_output, grad_lse, logits, target, weight, lse, grad_entropy, entropy,
+                        FSCE_ROW_OPTION_VALUES);
   }
 
   static ForwardOutputs forward_inplace(const at::Tensor& logits, const at::Tensor& target,
                                         const std::optional<at::Tensor>& weight,
                                         const at::Tensor& grad_scale FSCE_ROW_OPTIONS(FSCE_OPTION_PARAM),
                                         const std::optional<at::Tensor>& lse_grad_scale,
-                                        bool stats FSCE_SHARD_OPTIONS(FSCE_OPTION_PARAM)) {
+                                        bool stats, const std::optional<at::Tensor>& token_weight
+                                            FSCE_SHARD_OPTIONS(FSCE_OPTION_PARAM)) {
     Guard guard(logits.device());
-    return run_forward_inplace(*K, logits, target, weight, grad_scale, lse_grad_scale, FSCE_ROW_OPTION_VALUES,
-                               stats);
+    return run_forward_inplace(*K, logits, target, weight, grad_scale, lse_grad_scale, token_weight,
+                               FSCE_ROW_OPTION_VALUES, stats);
   }
 
   static void scale_grad(const at::Tensor& grad, const at::Tensor& grad_output) {

@@ -37,16 +37,20 @@ TORCH_LIBRARY(fused_softmax_ce, m) {
   // like logits. Returns per row the loss (fp32, or fp64 for float64 logits),
   // the log-sum-exp in fp64 (all the backward keeps of the row), and with
   // stats the first argmax of the effective logits and of a probability
-  // target (int64, empty without stats).
+  // target (int64, empty without stats), after the entropy of the softmax
+  // (the loss's dtype, empty without stats).
   m.def("ce_forward(Tensor logits, Tensor target, Tensor? weight" FSCE_ROW ", bool stats=False" FSCE_SHARD
-        ") -> (Tensor, Tensor, Tensor, Tensor)");
-  // dloss/dlogits for upstream gradients of the loss and (optionally) the lse.
+        ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // dloss/dlogits for upstream gradients of the loss and (optionally) the lse
+  // and the entropy (with the forward's entropy).
   m.def("ce_backward(Tensor grad_output, Tensor? grad_lse, Tensor logits, Tensor target, "
-        "Tensor? weight, Tensor lse" FSCE_ROW FSCE_SHARD ") -> Tensor");
-  // Writes grad_scale * dloss/dlogits (+ lse_grad_scale * lse * softmax, the
-  // z-loss) into logits; returns what ce_forward returns.
+        "Tensor? weight, Tensor lse" FSCE_ROW ", Tensor? grad_entropy=None, Tensor? entropy=None" FSCE_SHARD
+        ") -> Tensor");
+  // Writes grad_scale * (token_weight *) dloss/dlogits (+ lse_grad_scale *
+  // lse * softmax, the z-loss) into logits; returns what ce_forward returns.
   m.def("ce_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor grad_scale"
-        FSCE_ROW ", Tensor? lse_grad_scale=None, bool stats=False" FSCE_SHARD ") -> (Tensor, Tensor, Tensor, Tensor)");
+        FSCE_ROW ", Tensor? lse_grad_scale=None, bool stats=False, Tensor? token_weight=None" FSCE_SHARD
+        ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // grad *= grad_output, per row; free when grad_output is the scalar 1.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
   m.def("_launch_plan(int rows, int classes, int inner, bool prob_target, int sm_count) -> int[]",

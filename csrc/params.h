@@ -56,6 +56,10 @@ struct CEParams {
   // the first argmax of the target; -1 for ignored rows.
   int64_t* pred;
   int64_t* target_pred;
+  // With stats, the entropy -sum_j p_j log p_j of the row's softmax of v (acc
+  // type; 0 for ignored rows); written by the forward, read back by the
+  // backward when grad_entropy is set.
+  void* entropy;
 
   // Gradient destination (a fresh tensor, or the logits in in-place mode).
   void* grad;
@@ -68,6 +72,9 @@ struct CEParams {
   // Backward: per-row upstream gradient of the lse output (acc type,
   // contiguous), or nullptr. It adds grad_lse[r] * p_j to the gradient.
   const void* grad_lse;
+  // Backward: per-row upstream gradient of the entropy output (acc type,
+  // contiguous), or nullptr. It adds -grad_entropy[r] * p_j (log p_j + H).
+  const void* grad_entropy;
 
   // In-place forward: one device scalar that multiplies the gradient (1/the
   // mean's denominator, or 1), in the accumulation type; and one, or nullptr,
@@ -75,6 +82,10 @@ struct CEParams {
   // z-loss's gradient, 2 * z_loss_scale / its denominator).
   const void* grad_scale;
   const void* lse_grad_scale;
+  // In-place forward: per-row token weights (acc type, contiguous) that
+  // multiply the cross-entropy part of the gradient (not the z-loss's), or
+  // nullptr for 1.
+  const void* row_weight;
 
   // Scratch memory for multi-kernel strategies (CUDA split rows), sized by
   // the backend's workspace query; nullptr when none was asked for.

@@ -139,15 +139,45 @@ FSCE_HD int row_mode(bool prob_target, const RowTarget<acc_t>& t) {
   return prob_target ? kProb : (t.k != 0 ? kSmooth : kPlain);
 }
 
-// The per-row coefficients of the gradient (see the top of this file).
+// The per-row coefficients of the gradient (see the top of this file); gH
+// and H are the entropy's upstream gradient and value, read only by the
+// backward's entropy variant.
 template <typename acc_t>
 struct GradCoefs {
-  acc_t gA, gk, gy;
+  acc_t gA, gk, gy, gH, H;
 };
 
 template <typename acc_t>
 FSCE_HD GradCoefs<acc_t> grad_coefs(const RowTarget<acc_t>& t, acc_t sum_a, acc_t g, acc_t h) {
-  return {g * (t.coef_y + t.k * sum_a) + h, g * t.k, g * t.coef_y};
+  return {g * (t.coef_y + t.k * sum_a) + h, g * t.k, g * t.coef_y, acc_t(0), acc_t(0)};
+}
+
+// The entropy H = -sum_j p_j log p_j of a row's softmax, accumulated beside
+// s = sum_j exp(v_j - m) as e = sum_j exp(v_j - m) (v_j - m) against the same
+// shift m: then H = log s - e / s. A term whose exp is 0 adds 0 (a -inf
+// logit would make 0 * -inf).
+template <typename acc_t>
+FSCE_HD acc_t entropy_term(acc_t ex, acc_t d) {
+  return ex == acc_t(0) ? acc_t(0) : ex * d;
+}
+
+// e of a partial state with shift m_old and sum s, moved to the shift m_new:
+// alpha = exp(m_old - m_new) rescales it (as it does s), and every term's
+// v - m gains m_old - m_new.
+template <typename acc_t>
+FSCE_HD acc_t rebase_entropy(acc_t e, acc_t s, acc_t alpha, acc_t m_old, acc_t m_new) {
+  return s == acc_t(0) ? acc_t(0) : alpha * (e + s * (m_old - m_new));
+}
+
+template <typename acc_t>
+FSCE_HD acc_t row_entropy(acc_t log_s, acc_t e, acc_t s) {
+  return log_s - e / s;
+}
+
+// dH/dv_j = -p_j (log p_j + H), with log p_j = v_j - lse; 0 where p_j is.
+template <typename acc_t>
+FSCE_HD acc_t entropy_grad(acc_t p, acc_t log_p, acc_t H) {
+  return p == acc_t(0) ? acc_t(0) : -p * (log_p + H);
 }
 
 template <typename acc_t>

@@ -119,3 +119,23 @@ def check_weight_not_differentiable(weight):
             "The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
             "This input cannot have requires_grad True."
         )
+
+
+def token_weight_rows(token_weight, loss_shape, device, acc):
+    """The per-token weights as one `acc` value per row (the rows' order is
+    the ``reduction="none"`` loss's), or None; they get no gradient."""
+    if token_weight is None:
+        return None
+    if not torch.is_tensor(token_weight) or not token_weight.is_floating_point():
+        got = f"a tensor of dtype {token_weight.dtype}" if torch.is_tensor(token_weight) else repr(token_weight)
+        raise ValueError(f"token_weight must be a floating-point tensor, got {got}")
+    if token_weight.requires_grad:
+        raise ValueError("token_weight must not require grad (it gets no gradient; pass token_weight.detach()), "
+                         f"got a tensor of shape {list(token_weight.shape)} with requires_grad=True")
+    if tuple(token_weight.shape) != tuple(loss_shape):
+        raise ValueError(f"token_weight must have the target's shape {list(loss_shape)} (one weight per "
+                         f"token), got {list(token_weight.shape)}")
+    if token_weight.device != device:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but token_weight is on "
+                           f"{token_weight.device} and input is on {device}")
+    return token_weight.reshape(-1).to(acc)

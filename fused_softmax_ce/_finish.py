@@ -29,16 +29,20 @@ class CrossEntropyStats(NamedTuple):
     shaped like the ``reduction="none"`` loss, differentiable (0 for ignored
     rows, which are not read). accuracy: the fraction of rows not ignored
     whose argmax equals the target class (the target's argmax for
-    probability targets), float32, without grad.
+    probability targets), float32, without grad. entropy: the per-row entropy
+    -sum_j p_j log p_j of the softmax of the effective logits, shaped and
+    typed like lse, differentiable like it (0 for ignored rows).
     """
 
     loss: torch.Tensor
     z_loss: torch.Tensor
     lse: torch.Tensor
     accuracy: torch.Tensor
+    entropy: torch.Tensor
 
 
-def finish(loss, z_loss, lse, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid, count):
+def finish(loss, z_loss, lse, entropy, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid,
+           count):
     """The loss in its output dtype and shape, or the CrossEntropyStats from
     the `RowStats` fields in row_stats: the accuracy of pred over the rows not
     ignored (`count` of them), against the index target t, or for probability
@@ -54,4 +58,5 @@ def finish(loss, z_loss, lse, row_stats, reduction, loss_shape, out_dtype, retur
         if valid is not None:
             hits = hits & valid
         accuracy = (hits.sum().to(torch.float32) / count).to(torch.float32)
-    return CrossEntropyStats(loss, z_loss.to(out_dtype), lse.to(torch.float32).reshape(loss_shape), accuracy)
+    return CrossEntropyStats(loss, z_loss.to(out_dtype), lse.to(torch.float32).reshape(loss_shape), accuracy,
+                             entropy.to(torch.float32).reshape(loss_shape))

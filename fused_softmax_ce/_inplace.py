@@ -14,13 +14,17 @@ def under_functorch(t):
 
 
 class InplaceFn(torch.autograd.Function):
-    """Returns (loss, z_loss, lse, *the row statistics); only `loss` is differentiable."""
+    """Returns (loss, z_loss, lse, entropy, *the row statistics); only `loss`
+    is differentiable. token_weight (per row, acc dtype) or None weighs each
+    row's cross-entropy term, in the loss and in the gradient the kernel writes."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, grad_scale, lse_grad_scale, options, stats, reduction,
-                denominator, valid, z_denominator, nll_sum):
-        loss_rows, lse, *row_stats = ops.ce_forward_inplace(
-            logits, target, weight, grad_scale, *options.op_args(), lse_grad_scale, stats)
+                denominator, valid, z_denominator, nll_sum, token_weight):
+        loss_rows, lse, entropy, *row_stats = ops.ce_forward_inplace(
+            logits, target, weight, grad_scale, *options.op_args(), lse_grad_scale, stats, token_weight)
+        if token_weight is not None:
+            loss_rows = loss_rows * token_weight
         # Custom C++ ops do not bump the version counter; doing it here makes
         # autograd raise if anything saved the logits for its own backward.
         torch.autograd.graph.increment_version(logits)
@@ -35,13 +39,13 @@ class InplaceFn(torch.autograd.Function):
         else:
             z_loss = torch.zeros_like(loss)
         ctx.mark_non_differentiable(*row_stats)
-        return loss, z_loss, lse, *row_stats
+        return loss, z_loss, lse, entropy, *row_stats
 
     @staticmethod
-    def backward(ctx, grad_output, grad_z_loss, grad_lse, *_):
-        for grad in (grad_z_loss, grad_lse):
+    def backward(ctx, grad_output, grad_z_loss, grad_lse, grad_entropy, *_):
+        for grad in (grad_z_loss, grad_lse, grad_entropy):
             refuse_gradient(grad, "cross_entropy with inplace_backward=True computes the gradient of `loss` in "
-                                  "the forward; the z_loss and lse statistics are for logging and not "
+                                  "the forward; the z_loss, lse and entropy statistics are for logging and not "
                                   "differentiable. Use inplace_backward=False to differentiate them")
         if torch.is_grad_enabled():
             raise RuntimeError(
@@ -49,7 +53,7 @@ class InplaceFn(torch.autograd.Function):
                 "(create_graph=True): its gradient is computed in the forward and is not itself "
                 "differentiable; use inplace_backward=False"
             )
-        return (scale_saved_grad_once(ctx, grad_output),) + (None,) * 11
+        return (scale_saved_grad_once(ctx, grad_output),) + (None,) * 12
 
 
 def refuse_gradient(grad, message):

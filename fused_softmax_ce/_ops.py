@@ -27,6 +27,7 @@ def _forward_outputs(logits, target, stats):
     return (
         logits.new_empty(rows, dtype=acc_dtype(logits.dtype)),
         logits.new_empty(rows, dtype=torch.float64),
+        logits.new_empty(rows if stats else 0, dtype=acc_dtype(logits.dtype)),
         logits.new_empty(rows if stats else 0, dtype=torch.long),
         logits.new_empty(rows if stats and target.is_floating_point() else 0, dtype=torch.long),
     )
@@ -112,48 +113,52 @@ def _ce_forward_vmap(info, in_dims, logits, target, weight, *options):
 
 
 @torch.library.register_vmap("fused_softmax_ce::ce_backward")
-def _ce_backward_vmap(info, in_dims, grad_output, grad_lse, logits, target, weight, lse, *options):
-    args = (grad_output, grad_lse, logits, target, weight, lse)
+def _ce_backward_vmap(info, in_dims, *args):
+    # Every argument is folded, the entropy's pair among the options included,
+    # except the class weight (shared by every row).
     if in_dims[4] is not None:
-        return _loop(lambda *a: ops.ce_backward(*a, *options), info, in_dims[:6], args)
+        return _loop(ops.ce_backward, info, in_dims, args)
     B = info.batch_size
-    folded = [None if a is None else _fold(a, d, B) for a, d in zip(args, in_dims)]
-    folded[4] = weight
-    return _unfold(ops.ce_backward(*folded, *options), B), 0
+    folded = [a if i == 4 or not torch.is_tensor(a) else _fold(a, d, B)
+              for i, (a, d) in enumerate(zip(args, in_dims))]
+    return _unfold(ops.ce_backward(*folded), B), 0
 
 
 # --------------------------------------------------------------- autograd
 
 def _forward_setup(ctx, inputs, output):
     logits, target, weight, *args = inputs
-    ctx.save_for_backward(logits, target, weight, output[1])
-    ctx.save_for_forward(logits, target, weight, output[1])
+    ctx.save_for_backward(logits, target, weight, output[1], output[2])
+    ctx.save_for_forward(logits, target, weight, output[1], output[2])
     ctx.options, (_stats, *shard) = LossOptions.split_op_args(args)
     ctx.shard = Shard(*shard)
     ctx.num_inputs = len(inputs)
-    ctx.mark_non_differentiable(*output[2:])  # the statistics
+    ctx.mark_non_differentiable(*output[3:])  # the argmax statistics
     ctx.set_materialize_grads(False)
 
 
-def _backward_args(ctx):
-    """What ce_backward takes after its tensors, for the forward saved on ctx."""
-    return (*ctx.options.op_args(), *ctx.shard)
+def _backward_args(ctx, grad_entropy=None, entropy=None):
+    """What ce_backward takes after its tensors, for the forward saved on
+    ctx (with the entropy's upstream gradient and value, or None)."""
+    return (*ctx.options.op_args(), grad_entropy, entropy if grad_entropy is not None else None, *ctx.shard)
 
 
-def _forward_backward(ctx, grad_output, grad_lse, backward_op):
-    """Gradients of ce_forward's (loss, lse) for the logits, and for
-    probability targets the target's and the class weight's."""
-    logits, target, weight, lse = ctx.saved_tensors
+def _forward_backward(ctx, grad_output, grad_lse, grad_entropy, backward_op):
+    """Gradients of ce_forward's (loss, lse, entropy) for the logits, and for
+    probability targets the target's and the class weight's (the entropy
+    depends on neither)."""
+    logits, target, weight, lse, entropy = ctx.saved_tensors
     none = (None,) * (ctx.num_inputs - 3)
     if ctx.needs_input_grad[2] and not target.is_floating_point():
         raise RuntimeError("the derivative for 'weight' is not implemented.")
-    if grad_output is None and grad_lse is None:
+    if grad_output is None and grad_lse is None and grad_entropy is None:
         return (None, None, None) + none
     if grad_output is None:
         grad_output = torch.zeros_like(lse, dtype=acc_dtype(logits.dtype))
     grad_logits = grad_target = grad_weight = None
     if ctx.needs_input_grad[0]:
-        grad_logits = backward_op(grad_output, grad_lse, logits, target, weight, lse, *_backward_args(ctx))
+        grad_logits = backward_op(grad_output, grad_lse, logits, target, weight, lse,
+                                  *_backward_args(ctx, grad_entropy, entropy))
     g = D.rows(grad_output, logits)
     eps = ctx.options.label_smoothing
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
@@ -170,7 +175,8 @@ def _backward_setup(ctx, inputs, output):
     grad_output, grad_lse, logits, target, weight, lse, *args = inputs
     ctx.save_for_backward(grad_output, grad_lse, logits, target, weight, lse)
     ctx.save_for_forward(grad_output, grad_lse, logits, target, weight, lse)
-    ctx.options, shard = LossOptions.split_op_args(args)
+    ctx.options, (grad_entropy, _entropy, *shard) = LossOptions.split_op_args(args)
+    ctx.with_entropy = grad_entropy is not None
     ctx.shard = Shard(*shard)
     ctx.num_inputs = len(inputs)
     ctx.set_materialize_grads(False)
@@ -178,11 +184,12 @@ def _backward_setup(ctx, inputs, output):
 
 def _saved_terms(ctx):
     options = ctx.options
-    if options.transforms_logits or ctx.shard.class_offset != 0:
+    if options.transforms_logits or ctx.shard.class_offset != 0 or ctx.with_entropy:
         raise RuntimeError(
             "fused_softmax_ce: second-order derivatives (double backward, forward-mode AD of the "
             "gradient, hessian) are implemented for the plain loss only, not with logit_scale, "
-            f"softcap or a vocab-parallel shard (got logit_scale={options.logit_scale}, softcap={options.softcap})"
+            "softcap, a vocab-parallel shard or through the entropy "
+            f"(got logit_scale={options.logit_scale}, softcap={options.softcap})"
         )
     grad_output, grad_lse, logits, target, weight, lse = ctx.saved_tensors
     terms = D.row_terms(logits, target, weight, lse, options.ignore_index, options.label_smoothing)
@@ -215,7 +222,7 @@ def _backward_backward(ctx, grad_grad):
 
 torch.library.register_autograd(
     "fused_softmax_ce::ce_forward",
-    lambda ctx, g, g_lse, *_: _forward_backward(ctx, g, g_lse, ops.ce_backward),
+    lambda ctx, g, g_lse, g_entropy, *_: _forward_backward(ctx, g, g_lse, g_entropy, ops.ce_backward),
     setup_context=_forward_setup,
 )
 torch.library.register_autograd(
@@ -235,26 +242,31 @@ class ForwardFn(torch.autograd.Function):
     setup_context = staticmethod(_forward_setup)
 
     @staticmethod
-    def backward(ctx, grad_output, grad_lse, *_):
-        return _forward_backward(ctx, grad_output, grad_lse, BackwardFn.apply)
+    def backward(ctx, grad_output, grad_lse, grad_entropy, *_):
+        return _forward_backward(ctx, grad_output, grad_lse, grad_entropy, BackwardFn.apply)
 
     @staticmethod
     def jvp(ctx, d_logits, d_target, d_weight, *_):
-        logits, target, weight, lse = ctx.saved_tensors
+        logits, target, weight, lse, entropy = ctx.saved_tensors
         if d_weight is not None and not target.is_floating_point():
             raise RuntimeError("the derivative for 'weight' is not implemented.")
         acc = acc_dtype(logits.dtype)
         ones = torch.ones_like(lse, dtype=acc)
         d_loss = torch.zeros_like(lse, dtype=acc)
         d_lse = torch.zeros_like(lse)
-        args = (logits, target, weight, lse, *_backward_args(ctx))
+        d_entropy = torch.zeros_like(entropy)
+        args = (logits, target, weight, lse)
         if d_logits is not None:
-            # The kernels' own first derivatives: of the loss (g = 1), and of
-            # the lse (h = 1), transform included.
-            grad = BackwardFn.apply(ones, None, *args).to(acc)
-            dlse = BackwardFn.apply(torch.zeros_like(ones), ones, *args).to(acc)
+            # The kernels' own first derivatives: of the loss (g = 1), of the
+            # lse (h = 1) and of the entropy, transform included.
+            zeros = torch.zeros_like(ones)
+            grad = BackwardFn.apply(ones, None, *args, *_backward_args(ctx)).to(acc)
+            dlse = BackwardFn.apply(zeros, ones, *args, *_backward_args(ctx)).to(acc)
             d_loss = d_loss + D.flat((grad * d_logits.to(acc)).sum(1, keepdim=True))
             d_lse = d_lse + D.flat((dlse * d_logits.to(acc)).sum(1, keepdim=True)).double()
+            if entropy.numel():
+                dent = BackwardFn.apply(zeros, None, *args, *_backward_args(ctx, ones, entropy)).to(acc)
+                d_entropy = d_entropy + D.flat((dent * d_logits.to(acc)).sum(1, keepdim=True))
         eps = ctx.options.label_smoothing
         if (d_target is not None and target.is_floating_point()) or d_weight is not None:
             v = D.effective_logits(logits, ctx.options)
@@ -265,7 +277,7 @@ class ForwardFn(torch.autograd.Function):
             terms = D.weight_terms(v, lse, target, eps, ctx.shard.n_classes(logits))
             dw = d_weight.double().reshape(D.class_shape(logits))
             d_loss = d_loss + D.flat((terms * dw).sum(1, keepdim=True)).to(acc)
-        return d_loss, d_lse, None, None
+        return d_loss, d_lse, d_entropy, None, None
 
 
 class BackwardFn(torch.autograd.Function):
@@ -297,7 +309,8 @@ class BackwardFn(torch.autograd.Function):
 
 
 def cross_entropy_rows(logits, target, weight, options, stats):
-    """(loss, lse, *the row statistics) per row, differentiable, for a
+    """(loss, lse, entropy, *the row statistics) per row, the first three
+    differentiable (the entropy empty without stats), for a
     `LossOptions`; the op itself under torch.compile."""
     if torch.compiler.is_compiling():
         return ops.ce_forward(logits, target, weight, *options.op_args(), stats)

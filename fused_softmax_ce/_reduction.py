@@ -56,8 +56,11 @@ def target_logits(x3, target, valid, options):
         return effective_logits(x3.gather(1, idx), options).reshape(-1).double() * valid
 
 
-def smoothed_nll_sum(v_y, lse, target, weight, valid, label_smoothing):
-    """(1 - eps) * sum of w_y (lse - v_y) over rows not ignored, without grad."""
+def smoothed_nll_sum(v_y, lse, target, weight, valid, label_smoothing, token_weight=None):
+    """(1 - eps) * sum of w_y (lse - v_y) (times the rows' token weights) over
+    rows not ignored, without grad."""
     with torch.no_grad():
         w_y = weight.double()[torch.where(valid, target, 0)] * valid
+        if token_weight is not None:
+            w_y = w_y * token_weight.double()
         return (1 - label_smoothing) * (w_y * (lse.double() - v_y)).sum()

@@ -4,7 +4,7 @@ import math
 import torch
 from torch.nn import _reduction as _Reduction
 
-from ._checks import check_common, check_inplace, check_zero_dim_input
+from ._checks import check_common, check_inplace, check_zero_dim_input, token_weight_rows
 from ._derivatives import acc_dtype
 from ._finish import RowStats, finish
 from ._inplace import inplace_cross_entropy
@@ -30,6 +30,7 @@ def cross_entropy(
     softcap=None,
     z_loss_scale=0.0,
     return_stats=False,
+    token_weight=None,
     process_group=None,
 ):
     """Same arguments and results as `torch.nn.functional.cross_entropy`.
@@ -44,7 +45,14 @@ def cross_entropy(
     - ``softcap``: the scaled logits u become ``softcap * tanh(u / softcap)``.
     - ``z_loss_scale``: adds ``z_loss_scale * lse**2`` per row not ignored,
       unweighted; ``mean`` divides it by the number of such rows.
-    - ``return_stats``: return `CrossEntropyStats(loss, z_loss, lse, accuracy)`.
+    - ``return_stats``: return `CrossEntropyStats(loss, z_loss, lse, accuracy,
+      entropy)`; the entropy of each row's softmax is differentiable (not
+      with ``inplace_backward``).
+    - ``token_weight``: a floating tensor shaped like the ``reduction="none"``
+      loss (the target's, for class indices), without grad: each row's
+      cross-entropy term (not the z-loss) is multiplied by its weight before
+      the reduction; ``mean`` keeps its denominator. Negative weights (RL
+      advantages) are allowed.
     - ``process_group``: vocab parallel; ``input`` (and ``weight``, and a
       probability target) hold this rank's contiguous slice of the classes,
       see `fused_softmax_ce.parallel`.
@@ -56,7 +64,7 @@ def cross_entropy(
                           softcap=softcap, z_loss_scale=z_loss_scale).checked()
     if process_group is not None:
         return vocab_parallel_cross_entropy(input, target, weight, reduction, options, inplace_backward,
-                                            return_stats, process_group)
+                                            return_stats, process_group, token_weight)
     if input.dim() == 0:
         check_zero_dim_input(input, target)
     check_common(input, weight)
@@ -75,6 +83,7 @@ def cross_entropy(
     prob = target.shape == input.shape
     t, out_dtype, loss_shape, valid = resolve_target(input, target, weight, options.ignore_index, autocast,
                                                      rows_view)
+    tw = token_weight_rows(token_weight, loss_shape, input.device, acc)
     inplace = inplace_backward and torch.is_grad_enabled() and input.requires_grad
     if inplace:
         check_inplace(input, t, weight)
@@ -94,23 +103,28 @@ def cross_entropy(
     z_denominator = count if reduction == "mean" else None
 
     def nll_sum(lse):
-        return None if v_y is None else smoothed_nll_sum(v_y, lse, t, weight, valid, options.label_smoothing)
+        return None if v_y is None else smoothed_nll_sum(v_y, lse, t, weight, valid, options.label_smoothing, tw)
 
     if n_classes == 0 and prob:
         # -sum over no classes: PyTorch's zeros, and nothing for a kernel to do.
         loss_rows = x3.sum(1).reshape(-1).to(acc)
         lse = torch.full_like(loss_rows, -math.inf, dtype=torch.float64)
+        entropy = torch.zeros_like(loss_rows)  # a sum over no classes
         row_stats = RowStats.no_classes(loss_rows)
+        if tw is not None:
+            loss_rows = loss_rows * tw
         loss = reduce_rows(loss_rows, reduction, denominator)
         z_loss = torch.zeros_like(loss)
     elif inplace:
         grad_scale, lse_grad_scale = grad_scales(reduction, denominator, options.z_loss_scale, z_denominator,
                                                  acc, input.device)
-        loss, z_loss, lse, *row_stats = inplace_cross_entropy(
+        loss, z_loss, lse, entropy, *row_stats = inplace_cross_entropy(
             x3, t, weight, grad_scale, lse_grad_scale, options, return_stats, reduction,
-            denominator, valid, z_denominator, nll_sum)
+            denominator, valid, z_denominator, nll_sum, tw)
     else:
-        loss_rows, lse, *row_stats = cross_entropy_rows(x3, t, weight, options, return_stats)
+        loss_rows, lse, entropy, *row_stats = cross_entropy_rows(x3, t, weight, options, return_stats)
+        if tw is not None:
+            loss_rows = loss_rows * tw
         loss = reduce_rows(loss_rows, reduction, denominator, nll_sum(lse))
         if options.z_loss_scale:
             # A composition over the differentiable lse: its gradient reaches
@@ -120,4 +134,5 @@ def cross_entropy(
         else:
             z_loss = torch.zeros_like(loss)
 
-    return finish(loss, z_loss, lse, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid, count)
+    return finish(loss, z_loss, lse, entropy, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid,
+                  count)

@@ -13,7 +13,8 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.nn import _reduction as _Reduction
 
-from ._checks import check_class_weight_shape, check_index_weight_dtype, check_weight_not_differentiable, dtype_name
+from ._checks import (check_class_weight_shape, check_index_weight_dtype, check_weight_not_differentiable, dtype_name,
+                      token_weight_rows)
 from ._chunks import HALF, compute_dtype, default_chunk_size
 from ._derivatives import acc_dtype
 from ._finish import finish
@@ -38,8 +39,8 @@ class _StatisticOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        refuse_gradient(grad, "linear_cross_entropy computes the gradient of `loss` in the forward; its z_loss "
-                              "and lse statistics are for logging and not differentiable")
+        refuse_gradient(grad, "linear_cross_entropy computes the gradient of `loss` in the forward; its z_loss, "
+                              "lse and entropy statistics are for logging and not differentiable")
         return None, None
 
 
@@ -111,6 +112,7 @@ def linear_cross_entropy(
     softcap=None,
     z_loss_scale=0.0,
     return_stats=False,
+    token_weight=None,
     process_group=None,
 ):
     """Same arguments and results as `torch.nn.functional.linear_cross_entropy`,
@@ -162,7 +164,7 @@ def linear_cross_entropy(
     _check(input, linear_weight, target, linear_bias, weight, autocast)
     if _needs_composite(input, linear_weight, linear_bias):
         return _composite(input, linear_weight, target, linear_bias, weight, reduction, options, return_stats,
-                          process_group)
+                          process_group, token_weight)
     if grad_acc_dtype is None:
         grad_acc_dtype = torch.float32 if input.dtype in HALF else input.dtype
 
@@ -176,26 +178,29 @@ def linear_cross_entropy(
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
 
     acc = acc_dtype(compute_dtype(x.dtype, x.device))
+    tw = token_weight_rows(token_weight, loss_shape, x.device, acc)
     valid = t != options.ignore_index
     count = valid.sum().to(acc)
     grad_on = torch.is_grad_enabled()
     if process_group is not None:
-        loss, z_loss, lse, *row_stats = vocab_parallel_linear_cross_entropy(
+        loss, z_loss, lse, entropy, *row_stats = vocab_parallel_linear_cross_entropy(
             x, linear_weight, t, linear_bias, weight, reduction, options, return_stats, chunk_size, grad_acc_dtype,
-            valid, count, process_group)
+            valid, count, process_group, tw)
     else:
         denominator = mean_denominator(t, weight, options.ignore_index, v, acc) if reduction == "mean" else None
         scale, lse_grad_scale = grad_scales(reduction, denominator, options.z_loss_scale, count, acc, x.device)
         need = [grad_on and reduction != "none" and p is not None and p.requires_grad
                 for p in (x, linear_weight, linear_bias)]
-        loss, _, _, _, z_loss, lse, *row_stats = linear_ce(
-            x, linear_weight, t, linear_bias, weight, scale, None, reduction, *options.op_args(), lse_grad_scale,
+        loss, _, _, _, z_loss, lse, entropy, *row_stats = linear_ce(
+            x, linear_weight, t, linear_bias, weight, scale, None, tw, reduction, *options.op_args(), lse_grad_scale,
             bool(return_stats), int(chunk_size), grad_acc_dtype, *need)
-    out = finish(loss, z_loss, lse, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid, count)
+    out = finish(loss, z_loss, lse, entropy, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid,
+                 count)
     differentiable = grad_on and any(p is not None and p.requires_grad for p in (x, linear_weight, linear_bias))
     if return_stats and differentiable:
         out = out._replace(z_loss=_StatisticOnly.apply(out.z_loss, out.loss),
-                           lse=_StatisticOnly.apply(out.lse, out.loss))
+                           lse=_StatisticOnly.apply(out.lse, out.loss),
+                           entropy=_StatisticOnly.apply(out.entropy, out.loss))
     return out
 
 
@@ -209,7 +214,7 @@ def _needs_composite(*tensors):
 
 
 def _composite(input, linear_weight, target, linear_bias, weight, reduction, options, return_stats,
-               process_group):
+               process_group, token_weight):
     """linear then cross_entropy, with the N x V logits held: what torch.func
     and forward-mode AD differentiate (the logits' ops support them)."""
     if process_group is not None:
@@ -219,10 +224,11 @@ def _composite(input, linear_weight, target, linear_bias, weight, reduction, opt
         )
     logits = nn.functional.linear(input, linear_weight, linear_bias)
     out = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), weight=weight,
-                        reduction=reduction, return_stats=return_stats, **options.as_kwargs())
+                        reduction=reduction, return_stats=return_stats, **options.as_kwargs(),
+                        token_weight=None if token_weight is None else token_weight.reshape(-1))
     if reduction != "none":
         return out
     if return_stats:
         return out._replace(loss=out.loss.reshape(target.shape), z_loss=out.z_loss.reshape(target.shape),
-                            lse=out.lse.reshape(target.shape))
+                            lse=out.lse.reshape(target.shape), entropy=out.entropy.reshape(target.shape))
     return out.reshape(target.shape)

@@ -4,6 +4,8 @@ and `LinearCrossEntropyLoss` for `linear_cross_entropy`.
 Each keeps every `LossOptions` field as an attribute of its own name, as
 PyTorch's modules do (so they can be read and set), and passes them all on.
 """
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 from torch.nn import _reduction as _Reduction
@@ -64,17 +66,17 @@ class CrossEntropyLoss(nn.Module):
         self.return_stats = return_stats
         self.process_group = process_group
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return self._loss(input, target)
+    def forward(self, input: Tensor, target: Tensor, token_weight: Optional[Tensor] = None) -> Tensor:
+        return self._loss(input, target, token_weight)
 
     @torch.jit.ignore
-    def _loss(self, input: Tensor, target: Tensor) -> Tensor:
+    def _loss(self, input: Tensor, target: Tensor, token_weight: Optional[Tensor]) -> Tensor:
         # TorchScript cannot compile cross_entropy (its checks, autograd
         # Functions and custom ops are Python): a scripted module calls it
         # back in Python, so it runs but cannot be saved by torch.jit.save.
         return cross_entropy(input, target, weight=self.weight, reduction=self.reduction,
                              inplace_backward=self.inplace_backward, return_stats=self.return_stats,
-                             process_group=self.process_group, **_options(self))
+                             token_weight=token_weight, process_group=self.process_group, **_options(self))
 
     def __prepare_scriptable__(self):
         if self.return_stats or self.process_group is not None:
@@ -110,11 +112,11 @@ class LinearCrossEntropyLoss(nn.Module):
         self.return_stats = return_stats
         self.process_group = process_group
 
-    def forward(self, input, linear_weight, target, linear_bias=None):
+    def forward(self, input, linear_weight, target, linear_bias=None, token_weight=None):
         return linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=self.weight, reduction=self.reduction,
             chunk_size=self.chunk_size, grad_acc_dtype=self.grad_acc_dtype, return_stats=self.return_stats,
-            process_group=self.process_group, **_options(self))
+            token_weight=token_weight, process_group=self.process_group, **_options(self))
 
     def extra_repr(self):
         return f"reduction={self.reduction!r}, {_options_repr(self)}, chunk_size={self.chunk_size}"

@@ -31,6 +31,14 @@ namespace {
 
 // ------------------------------------------------------------ row dispatch
 
+template <typename T, int TR, bool ENT>
+FSCE_VINLINE Stats<float> stats_vec_mode(const Row<T>& row, const Recipe<float, TR>& rc, int64_t C, int mode,
+                                         float pivot, float* keep) {
+  if (mode == kPlain) return stats_vec<T, kPlain, TR, ENT>(row.z, row.t, rc, C, pivot, keep);
+  if (mode == kSmooth) return stats_vec<T, kSmooth, TR, ENT>(row.z, row.t, rc, C, pivot, keep);
+  return stats_vec<T, kProb, TR, ENT>(row.z, row.t, rc, C, pivot, keep);
+}
+
 // keep / kept: a row of C floats that carries the values from row_stats to
 // row_grad (contiguous float rows only), or nullptr.
 template <typename T, typename acc_t, int TR>
@@ -38,9 +46,9 @@ FSCE_VINLINE Stats<acc_t> row_stats(const Row<T>& row, const Recipe<acc_t, TR>& 
                                     acc_t pivot, float* keep) {
   if constexpr (!std::is_same_v<T, double>) {
     if (row.step == 1) {
-      if (mode == kPlain) return stats_vec<T, kPlain, TR>(row.z, row.t, rc, C, pivot, keep);
-      if (mode == kSmooth) return stats_vec<T, kSmooth, TR>(row.z, row.t, rc, C, pivot, keep);
-      return stats_vec<T, kProb, TR>(row.z, row.t, rc, C, pivot, keep);
+      // The entropy only with the statistics: the plain pass pays nothing for it.
+      if (rc.stats) return stats_vec_mode<T, TR, true>(row, rc, C, mode, pivot, keep);
+      return stats_vec_mode<T, TR, false>(row, rc, C, mode, pivot, keep);
     }
   }
   return stats_scalar<T, acc_t, TR>(row, rc, C, mode, pivot);
@@ -54,17 +62,20 @@ FSCE_VINLINE acc_t row_sum_coef(const Row<T>& row, const Recipe<acc_t, TR>& rc, 
   return sum_coef_scalar<T, acc_t, TR>(row, rc, C);
 }
 
-template <typename T, typename acc_t, int TR>
+// ENT: with the entropy's gradient (the backward of a differentiated entropy).
+template <typename T, typename acc_t, int TR, bool ENT>
 FSCE_VINLINE void row_grad(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C, int mode,
                            acc_t lse_hi, acc_t lse_lo, GradCoefs<acc_t> c, int64_t y, const float* kept) {
   if constexpr (!std::is_same_v<T, double>) {
     if (row.step == 1) {
-      if (mode == kPlain) return grad_vec<T, kPlain, TR>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y, kept);
-      if (mode == kSmooth) return grad_vec<T, kSmooth, TR>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y, kept);
-      return grad_vec<T, kProb, TR>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y, kept);
+      if (mode == kPlain)
+        return grad_vec<T, kPlain, TR, ENT>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y, kept);
+      if (mode == kSmooth)
+        return grad_vec<T, kSmooth, TR, ENT>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y, kept);
+      return grad_vec<T, kProb, TR, ENT>(row.z, row.t, row.g, rc, C, lse_hi, lse_lo, c, y, kept);
     }
   }
-  grad_scalar<T, acc_t, TR>(row, rc, C, mode, lse_hi, lse_lo, c, y);
+  grad_scalar<T, acc_t, TR, ENT>(row, rc, C, mode, lse_hi, lse_lo, c, y);
 }
 
 template <typename T, typename acc_t>
@@ -87,6 +98,8 @@ FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bo
   const acc_t lse_scale = write_grad && p.lse_grad_scale ? *static_cast<const acc_t*>(p.lse_grad_scale) : acc_t(0);
   auto* loss = static_cast<acc_t*>(p.loss);
   auto* lse_out = static_cast<double*>(p.lse);
+  auto* entropy = static_cast<acc_t*>(p.entropy);
+  const auto* row_weight = static_cast<const acc_t*>(p.row_weight);
   // The in-place forward's second pass reads the softcapped values from here
   // rather than computing the tanh again: C floats, reused row after row.
   std::unique_ptr<float[]> kept;
@@ -101,6 +114,7 @@ FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bo
       lse_out[r] = fill;
       if (p.pred) p.pred[r] = -1;
       if (p.target_pred) p.target_pred[r] = -1;
+      if (entropy) entropy[r] = fill;
       if (write_grad) fill_row(row.g, C, row.step, fill);
       continue;
     }
@@ -114,9 +128,11 @@ FSCE_VINLINE void forward_rows(const CEParams& p, int64_t begin, int64_t end, bo
     lse_out[r] = lse;
     if (p.pred) p.pred[r] = st.pred < 0 ? -1 : st.pred + p.class_offset;
     if (p.target_pred) p.target_pred[r] = st.target_pred < 0 ? -1 : st.target_pred + p.class_offset;
+    if (entropy) entropy[r] = st.entropy;
     if (write_grad) {
-      const GradCoefs<acc_t> c = grad_coefs(tgt, sum_a, scale, lse_scale * static_cast<acc_t>(lse));
-      row_grad<T, acc_t, TR>(row, rc, C, mode, st.m, st.log_s, c, tgt.y, kept.get());
+      const acc_t row_scale = row_weight ? scale * row_weight[r] : scale;
+      const GradCoefs<acc_t> c = grad_coefs(tgt, sum_a, row_scale, lse_scale * static_cast<acc_t>(lse));
+      row_grad<T, acc_t, TR, false>(row, rc, C, mode, st.m, st.log_s, c, tgt.y, kept.get());
     }
   }
 }
@@ -129,6 +145,8 @@ FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end, c
   const auto* lse = static_cast<const double*>(p.lse);
   const auto* grad_output = static_cast<const acc_t*>(p.grad_output);
   const auto* grad_lse = static_cast<const acc_t*>(p.grad_lse);
+  const auto* grad_entropy = static_cast<const acc_t*>(p.grad_entropy);
+  const auto* entropy = static_cast<const acc_t*>(p.entropy);
   for (int64_t r = begin; r < end; ++r) {
     const Row<T> row = row_at<T>(p, r);
     const RowTarget<acc_t> tgt = row_target<acc_t>(p, r);
@@ -138,11 +156,17 @@ FSCE_VINLINE void backward_rows(const CEParams& p, int64_t begin, int64_t end, c
     }
     const int mode = row_mode(static_cast<bool>(row.t), tgt);
     const acc_t sum_a = row_sum_a<acc_t>(p, mode, mode == kProb ? row_sum_coef<T, acc_t, TR>(row, rc, C) : acc_t(0));
-    const GradCoefs<acc_t> c = grad_coefs(tgt, sum_a, grad_output[r * p.grad_output_stride],
-                                          grad_lse ? grad_lse[r] : acc_t(0));
+    GradCoefs<acc_t> c = grad_coefs(tgt, sum_a, grad_output[r * p.grad_output_stride],
+                                    grad_lse ? grad_lse[r] : acc_t(0));
     acc_t lse_hi, lse_lo;
     split_lse(lse[r], lse_hi, lse_lo);
-    row_grad<T, acc_t, TR>(row, rc, C, mode, lse_hi, lse_lo, c, tgt.y, nullptr);
+    if (grad_entropy) {
+      c.gH = grad_entropy[r];
+      c.H = entropy[r];
+      row_grad<T, acc_t, TR, true>(row, rc, C, mode, lse_hi, lse_lo, c, tgt.y, nullptr);
+    } else {
+      row_grad<T, acc_t, TR, false>(row, rc, C, mode, lse_hi, lse_lo, c, tgt.y, nullptr);
+    }
   }
 }
 

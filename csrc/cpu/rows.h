@@ -15,11 +15,13 @@ namespace fsce::cpu {
 namespace {
 
 // A row's pass over v: max m, log_s = log sum exp(v - m), the a_j sums, and
-// (with stats) the first argmax of v and of a probability target.
+// (with stats) the first argmax of v and of a probability target, and the
+// entropy of the softmax.
 template <typename acc_t>
 struct Stats {
   acc_t m, log_s, sum_a, sum_az;
   int64_t pred, target_pred;
+  acc_t entropy;
 };
 
 // A row's probability target, stored in the logits' dtype or, when the
@@ -113,17 +115,19 @@ FSCE_VINLINE Stats<acc_t> stats_scalar(const Row<T>& row, const Recipe<acc_t, TR
     }
   }
   const acc_t shift = std::isinf(m) && m < 0 ? acc_t(0) : m;
-  acc_t s = 0, sa = 0, saz = 0;
+  acc_t s = 0, sa = 0, saz = 0, e = 0;
   for (int64_t j = 0; j < C; ++j) {
     const acc_t v = rc.tr.value(static_cast<acc_t>(row.z[j * row.step]));
-    s += std::exp(v - shift);
+    const acc_t ex = std::exp(v - shift);
+    s += ex;
+    if (rc.stats) e += entropy_term(ex, v - shift);
     if (mode != kPlain) {
       const acc_t a = coef_scalar(row, rc, j, mode);
       sa += a;
       saz += a * (v - pivot);
     }
   }
-  return {m, std::log(s), sa, saz, pred, target_pred};
+  return {m, std::log(s), sa, saz, pred, target_pred, row_entropy(std::log(s), e, s)};
 }
 
 template <typename T, typename acc_t, int TR>
@@ -133,13 +137,16 @@ FSCE_VINLINE acc_t sum_coef_scalar(const Row<T>& row, const Recipe<acc_t, TR>& r
   return sa;
 }
 
-template <typename T, typename acc_t, int TR>
+// ENT: add the entropy's gradient (c.gH, c.H).
+template <typename T, typename acc_t, int TR, bool ENT>
 FSCE_VINLINE void grad_scalar(const Row<T>& row, const Recipe<acc_t, TR>& rc, int64_t C, int mode,
                               acc_t lse_hi, acc_t lse_lo, GradCoefs<acc_t> c, int64_t y) {
   for (int64_t j = 0; j < C; ++j) {
     acc_t slope;
     const acc_t v = rc.tr.value_slope(static_cast<acc_t>(row.z[j * row.step]), slope);
-    acc_t d = c.gA * std::exp((v - lse_hi) - lse_lo);
+    const acc_t log_p = (v - lse_hi) - lse_lo, p = std::exp(log_p);
+    acc_t d = c.gA * p;
+    if constexpr (ENT) d += c.gH * entropy_grad(p, log_p, c.H);
     if (mode != kPlain) d -= c.gk * coef_scalar(row, rc, j, mode);
     if (j == y) d -= c.gy;
     row.g[j * row.step] = static_cast<T>(TR == kIdentity ? d : d * slope);

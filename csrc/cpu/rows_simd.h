@@ -99,28 +99,49 @@ FSCE_VINLINE vfloat chunk_max(const vfloat (&x)[NV]) {
   return cm;
 }
 
-// Folds NV vectors into the per-lane running max and rescaled sum: one
-// rescale per NV vectors, one exp2 per element. Returns the chunk's max.
-template <int NV>
-FSCE_VINLINE vfloat absorb(vfloat& m, vfloat& s, const vfloat (&x)[NV]) {
+// d raised to where exp2v clamps its argument (its result is 2^-126 there,
+// not 0): an entropy term exp(d) * d below it is about 1e-36, and a -inf one
+// is not 0 * -inf (see entropy_term).
+FSCE_VINLINE vfloat exp_floor(vfloat d) {
+  return vmax(d, splat(-126.f / kLog2e));
+}
+
+// Folds NV vectors into the per-lane running max and rescaled sum (and, with
+// ENT, the entropy sum e, see entropy_term): one rescale per NV vectors, one
+// exp2 per element. Returns the chunk's max.
+template <int NV, bool ENT>
+FSCE_VINLINE vfloat absorb(vfloat& m, vfloat& s, vfloat& e, const vfloat (&x)[NV]) {
   const vfloat cm = chunk_max(x);
   const vfloat nm = vmax(m, cm);
   // A lane that has seen only -inf keeps shift 0, so that exp2 sees -inf, not nan.
   const vfloat shift = nm == -std::numeric_limits<float>::infinity() ? vfloat{} : nm;
-  vfloat acc = s * exp2v((m - shift) * kLog2e);
-  for (int k = 0; k < NV; ++k) acc += exp2v((x[k] - shift) * kLog2e);
+  const vfloat alpha = exp2v((m - shift) * kLog2e);
+  vfloat acc = s * alpha, eacc;
+  // rebase_entropy: a lane with s = 0 has m - shift = -inf, made finite here.
+  if constexpr (ENT) eacc = alpha * (e + s * exp_floor(m - shift));
+  for (int k = 0; k < NV; ++k) {
+    const vfloat ex = exp2v((x[k] - shift) * kLog2e);
+    acc += ex;
+    if constexpr (ENT) eacc += ex * exp_floor(x[k] - shift);
+  }
   s = acc;
+  if constexpr (ENT) e = eacc;
   m = nm;
   return cm;
 }
 
 // The same for values bounded by `shift` (a softcapped row's cap): no
 // running max and no rescale; lanes at or past `count` add nothing.
-template <int NV>
-FSCE_VINLINE vfloat absorb_bounded(vfloat& s, vfloat shift, const vfloat (&x)[NV], int count = kLanes) {
-  vfloat acc = exp2v((x[0] - shift) * kLog2e);
-  for (int k = 1; k < NV; ++k) acc += exp2v((x[k] - shift) * kLog2e);
+template <int NV, bool ENT>
+FSCE_VINLINE vfloat absorb_bounded(vfloat& s, vfloat& e, vfloat shift, const vfloat (&x)[NV], int count = kLanes) {
+  vfloat acc{}, eacc{};
+  for (int k = 0; k < NV; ++k) {
+    const vfloat ex = exp2v((x[k] - shift) * kLog2e);
+    acc += ex;
+    if constexpr (ENT) eacc += ex * exp_floor(x[k] - shift);
+  }
   s += count == kLanes ? acc : (lane_ids() < count ? acc : vfloat{});
+  if constexpr (ENT) e += count == kLanes ? eacc : (lane_ids() < count ? eacc : vfloat{});
   return chunk_max(x);
 }
 
@@ -164,27 +185,29 @@ struct ChunkArgmax {
 
 // Everything the statistics pass accumulates per lane.
 struct LaneState {
-  vfloat m = splat(-std::numeric_limits<float>::infinity()), s{}, sa{}, saz{};
+  vfloat m = splat(-std::numeric_limits<float>::infinity()), s{}, sa{}, saz{}, e{};
   ChunkArgmax pred, target_pred;
 };
 
 // Folds x into the lane state: with the cap as a fixed shift for a bounded
 // softcapped row, else with the running max. Returns the chunk's max.
-template <int NV, int TR>
+template <int NV, int TR, bool ENT>
 FSCE_VINLINE vfloat absorb_values(const Recipe<float, TR>& rc, LaneState& st, const vfloat (&x)[NV],
                                   int count = kLanes) {
-  return TR == kSoftcap && rc.bounded ? absorb_bounded<NV>(st.s, st.m, x, count) : absorb<NV>(st.m, st.s, x);
+  return TR == kSoftcap && rc.bounded ? absorb_bounded<NV, ENT>(st.s, st.e, st.m, x, count)
+                                      : absorb<NV, ENT>(st.m, st.s, st.e, x);
 }
 
 // keep: where to store the values for the row's second pass, or nullptr.
-template <typename T, int MODE, int TR, int NV>
+// ENT: the statistics' entropy too (rc.stats, fixed per launch).
+template <typename T, int MODE, int TR, int NV, bool ENT>
 FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const Recipe<float, TR>& rc, int64_t j,
                                float pivot, LaneState& st, float* keep) {
   vfloat x[NV];
   for (int k = 0; k < NV; ++k) x[k] = load_value<T, TR>(rc, z + j + k * kLanes);
   if (keep)
     for (int k = 0; k < NV; ++k) storev(keep + j + k * kLanes, x[k]);
-  const vfloat cm = absorb_values<NV, TR>(rc, st, x);
+  const vfloat cm = absorb_values<NV, TR, ENT>(rc, st, x);
   if constexpr (MODE != kPlain) {
     for (int k = 0; k < NV; ++k) {
       const vfloat a = coef_vec<T, MODE>(t, rc.w, j + k * kLanes, kLanes, rc.eps, rc.inv_c);
@@ -202,7 +225,7 @@ FSCE_VINLINE void absorb_chunk(const T* z, Probs<T> t, const Recipe<float, TR>& 
   }
 }
 
-template <typename T, int MODE, int TR>
+template <typename T, int MODE, int TR, bool ENT>
 FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, TR>& rc, int64_t C,
                                     float pivot, float* keep) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -211,15 +234,15 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, 
   if (TR == kSoftcap && rc.bounded) st.m = splat(rc.tr.cap);
   int64_t j = 0;
   constexpr int NV = kChunk<MODE>;
-  for (; j + NV * kLanes <= C; j += NV * kLanes) absorb_chunk<T, MODE, TR, NV>(z, t, rc, j, pivot, st, keep);
-  for (; j + kLanes <= C; j += kLanes) absorb_chunk<T, MODE, TR, 1>(z, t, rc, j, pivot, st, keep);
+  for (; j + NV * kLanes <= C; j += NV * kLanes) absorb_chunk<T, MODE, TR, NV, ENT>(z, t, rc, j, pivot, st, keep);
+  for (; j + kLanes <= C; j += kLanes) absorb_chunk<T, MODE, TR, 1, ENT>(z, t, rc, j, pivot, st, keep);
   if (j < C) {
     const int count = static_cast<int>(C - j);
     const vint in_row = lane_ids() < count;
     // Padding lanes become -inf after the transform (softcap maps -inf to -cap).
     const vfloat x[1] = {in_row ? load_value<T, TR>(rc, z + j, count) : splat(-kInf)};
     if (keep) store_partial(keep + j, x[0], count);
-    absorb_values<1, TR>(rc, st, x, count);
+    absorb_values<1, TR, ENT>(rc, st, x, count);
     if constexpr (MODE != kPlain) {
       const vfloat a = coef_vec<T, MODE>(t, rc.w, j, count, rc.eps, rc.inv_c);
       const vfloat xa = in_row ? x[0] : splat(pivot);
@@ -232,9 +255,13 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, 
     }
   }
   const float M = hmax(st.m);
-  float S = 0.f;
-  for (int l = 0; l < kLanes; ++l)
-    if (st.m[l] != -kInf) S += st.s[l] * std::exp(st.m[l] - M);
+  float S = 0.f, E = 0.f;
+  for (int l = 0; l < kLanes; ++l) {
+    if (st.m[l] == -kInf) continue;
+    const float alpha = std::exp(st.m[l] - M);
+    S += st.s[l] * alpha;
+    if (ENT) E += rebase_entropy(st.e[l], st.s[l], alpha, st.m[l], M);
+  }
   const auto v_at = [&](int64_t i) FSCE_VINLINE_LAMBDA {
     return load_value<T, TR>(rc, z + i, 1)[0];
   };
@@ -253,7 +280,8 @@ FSCE_VINLINE Stats<float> stats_vec(const T* z, Probs<T> t, const Recipe<float, 
       rc.stats && MODE == kProb
           ? st.target_pred.first(C, NV, [&](int64_t i) FSCE_VINLINE_LAMBDA { return static_cast<float>(t.at(i)); })
           : -1;
-  return {M, std::log(S), hsum(st.sa), hsum(st.saz), pred < 0 && C > 0 ? 0 : pred, target_pred};
+  return {M, std::log(S), hsum(st.sa), hsum(st.saz), pred < 0 && C > 0 ? 0 : pred, target_pred,
+          ENT ? row_entropy(std::log(S), E, S) : 0.f};
 }
 
 template <typename T, int TR>
@@ -269,7 +297,7 @@ FSCE_VINLINE float sum_coef_vec(Probs<T> t, const Recipe<float, TR>& rc, int64_t
 // kept: the row's values from its first pass (see absorb_chunk), or nullptr.
 // (A function, not a lambda: a lambda's body would not take the ISA clone's
 // target, and vectors would cross an ABI boundary.)
-template <typename T, int MODE, int TR>
+template <typename T, int MODE, int TR, bool ENT>
 FSCE_VINLINE vfloat grad_at(const T* z, Probs<T> t, const Recipe<float, TR>& rc, float lse_hi, float lse_lo,
                             GradCoefs<float> c, int64_t y, const float* kept, int64_t j, int count) {
   const bool full = count == kLanes;
@@ -282,7 +310,10 @@ FSCE_VINLINE vfloat grad_at(const T* z, Probs<T> t, const Recipe<float, TR>& rc,
   }
   if (TR != kSoftcap || !kept)
     v = load_value_slope<T, TR>(rc, z + j, count, &slope);
-  vfloat d = c.gA * exp2v(((v - lse_hi) - lse_lo) * kLog2e);
+  const vfloat log_p = (v - lse_hi) - lse_lo, p = exp2v(log_p * kLog2e);
+  vfloat d = c.gA * p;
+  // entropy_grad, with log p at exp2v's floor (where p is 2^-126, not 0).
+  if constexpr (ENT) d -= c.gH * (p * (exp_floor(log_p) + c.H));
   if constexpr (MODE != kPlain) d -= c.gk * coef_vec<T, MODE>(t, rc.w, j, count, rc.eps, rc.inv_c);
   // The target's -coef_y is folded in fp32, before rounding to the output type.
   // A lane select, not d[y - j], so that d stays in a register.
@@ -293,7 +324,7 @@ FSCE_VINLINE vfloat grad_at(const T* z, Probs<T> t, const Recipe<float, TR>& rc,
 
 // Whole vectors go 4 at a time (all loaded before any store, which the
 // in-place mode's out == z allows), then the rest one at a time.
-template <typename T, int MODE, int TR>
+template <typename T, int MODE, int TR, bool ENT>
 FSCE_VINLINE void grad_vec(const T* z, Probs<T> t, T* out, const Recipe<float, TR>& rc, int64_t C,
                            float lse_hi, float lse_lo, GradCoefs<float> c, int64_t y, const float* kept) {
   constexpr int NV = 4;
@@ -301,12 +332,12 @@ FSCE_VINLINE void grad_vec(const T* z, Probs<T> t, T* out, const Recipe<float, T
   for (; j + NV * kLanes <= C; j += NV * kLanes) {
     vfloat d[NV];
     for (int k = 0; k < NV; ++k)
-      d[k] = grad_at<T, MODE, TR>(z, t, rc, lse_hi, lse_lo, c, y, kept, j + k * kLanes, kLanes);
+      d[k] = grad_at<T, MODE, TR, ENT>(z, t, rc, lse_hi, lse_lo, c, y, kept, j + k * kLanes, kLanes);
     for (int k = 0; k < NV; ++k) storev(out + j + k * kLanes, d[k]);
   }
   for (; j < C; j += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, C - j));
-    const vfloat d = grad_at<T, MODE, TR>(z, t, rc, lse_hi, lse_lo, c, y, kept, j, count);
+    const vfloat d = grad_at<T, MODE, TR, ENT>(z, t, rc, lse_hi, lse_lo, c, y, kept, j, count);
     if (count == kLanes)
       storev(out + j, d);
     else

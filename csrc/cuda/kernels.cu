@@ -152,9 +152,9 @@ void launch_rows(const CEParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int TR>
+template <typename T, int TR, bool ENT>
 void launch_split_grad(const CEParams& p, Split split, cudaStream_t stream) {
-  FSCE_LAUNCH((split_grad_kernel<T, TR>), grid_of(p.rows * split.splits), kSplitThreads, 0, stream)(
+  FSCE_LAUNCH((split_grad_kernel<T, TR, ENT>), grid_of(p.rows * split.splits), kSplitThreads, 0, stream)(
       p, split.splits, split.chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -180,7 +180,7 @@ void launch_forward_rows(const CEParams& p, bool write_grad, cudaStream_t stream
     CEParams g = p;
     g.grad_output = p.grad_scale;
     g.grad_output_stride = 0;
-    launch_split_grad<T, TR>(g, backward_split(g), stream);
+    launch_split_grad<T, TR, false>(g, backward_split(g), stream);
   }
 }
 
@@ -205,16 +205,25 @@ void launch_forward(const CEParams& p, bool write_grad, cudaStream_t stream) {
   });
 }
 
-template <typename T>
-void launch_backward(const CEParams& p, cudaStream_t stream) {
+// The entropy's gradient is a template parameter too (the backward's STATS).
+template <typename T, bool ENT>
+void launch_backward_rows(const CEParams& p, cudaStream_t stream) {
   const Split split = backward_split(p);
   by_transform(p, [&](auto tr) {
     constexpr int TR = decltype(tr)::value;
     if (split.splits == 1)
-      launch_rows<T, kBackward, TR, false>(p, stream);
+      launch_rows<T, kBackward, TR, ENT>(p, stream);
     else
-      launch_split_grad<T, TR>(p, split, stream);
+      launch_split_grad<T, TR, ENT>(p, split, stream);
   });
+}
+
+template <typename T>
+void launch_backward(const CEParams& p, cudaStream_t stream) {
+  if (p.grad_entropy)
+    launch_backward_rows<T, true>(p, stream);
+  else
+    launch_backward_rows<T, false>(p, stream);
 }
 
 template <typename F>

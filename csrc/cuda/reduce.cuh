@@ -57,11 +57,12 @@ __device__ __forceinline__ acc_t quiet_nan() {
 }
 
 // A partial online-softmax state over v: max, sum of exp(v - max), the a_j
-// sums, and (statistics only) the first argmax of v and of a probability
-// target, -1 while none has been seen.
+// sums, and (statistics only) the entropy sum e of row_math.h against the
+// same max and the first argmax of v and of a probability target, -1 while
+// none has been seen.
 template <typename acc_t>
 struct Partial {
-  acc_t m, s, sa, saz;
+  acc_t m, s, sa, saz, e;
   int64_t pred;
   acc_t t_max;
   int64_t target_pred;
@@ -69,7 +70,7 @@ struct Partial {
 
 template <typename acc_t>
 __device__ __forceinline__ Partial<acc_t> empty_partial() {
-  return {neg_inf<acc_t>(), 0, 0, 0, -1, neg_inf<acc_t>(), -1};
+  return {neg_inf<acc_t>(), 0, 0, 0, 0, -1, neg_inf<acc_t>(), -1};
 }
 
 // torch.argmax's order: nan above every number, so that the first nan wins.
@@ -93,16 +94,19 @@ __device__ __forceinline__ Partial<acc_t> merge(Partial<acc_t> a, Partial<acc_t>
   Partial<acc_t> out;
   out.m = m;
   // Both sides still at -inf: exp(-inf - -inf) would be nan.
-  out.s = m == neg_inf<acc_t>() ? a.s + b.s : a.s * exp_acc(a.m - m) + b.s * exp_acc(b.m - m);
+  const bool none = m == neg_inf<acc_t>();
+  const acc_t alpha_a = none ? acc_t(1) : exp_acc(a.m - m), alpha_b = none ? acc_t(1) : exp_acc(b.m - m);
+  out.s = a.s * alpha_a + b.s * alpha_b;
   out.sa = a.sa + b.sa;
   out.saz = a.saz + b.saz;
   if constexpr (STATS) {
+    out.e = rebase_entropy(a.e, a.s, alpha_a, a.m, m) + rebase_entropy(b.e, b.s, alpha_b, b.m, m);
     out.pred = first_argmax(a.m, a.pred, b.m, b.pred);
     out.t_max = beats(a.t_max, b.t_max) ? a.t_max : b.t_max;
     out.target_pred = first_argmax(a.t_max, a.target_pred, b.t_max, b.target_pred);
   } else {
     out.pred = out.target_pred = -1;
-    out.t_max = 0;
+    out.t_max = out.e = 0;
   }
   return out;
 }
@@ -116,11 +120,17 @@ __device__ __forceinline__ void absorb(Partial<acc_t>& p, const acc_t (&v)[N], i
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       if (v[k] > p.m || (v[k] != v[k] && p.m == p.m)) {
-        p.s *= exp_acc(p.m - v[k]);
+        const acc_t alpha = exp_acc(p.m - v[k]);
+        p.e = rebase_entropy(p.e, p.s, alpha, p.m, v[k]);
+        p.s *= alpha;
         p.m = v[k];
         p.pred = j + k;
       }
-      if (v[k] != neg_inf<acc_t>()) p.s += exp_acc(v[k] - p.m);
+      if (v[k] != neg_inf<acc_t>()) {
+        const acc_t ex = exp_acc(v[k] - p.m);
+        p.s += ex;
+        p.e += entropy_term(ex, v[k] - p.m);
+      }
     }
   } else {
     acc_t cm = v[0];  // fmax skips nan: a nan reaches the sum below
@@ -145,6 +155,7 @@ __device__ __forceinline__ Partial<acc_t> shfl_xor(const Partial<acc_t>& p, int 
   o.sa = __shfl_xor_sync(0xffffffffu, p.sa, offset);
   o.saz = __shfl_xor_sync(0xffffffffu, p.saz, offset);
   if constexpr (STATS) {
+    o.e = __shfl_xor_sync(0xffffffffu, p.e, offset);
     o.pred = __shfl_xor_sync(0xffffffffu, static_cast<long long>(p.pred), offset);
     o.t_max = __shfl_xor_sync(0xffffffffu, p.t_max, offset);
     o.target_pred = __shfl_xor_sync(0xffffffffu, static_cast<long long>(p.target_pred), offset);

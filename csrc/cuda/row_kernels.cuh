@@ -70,7 +70,8 @@ __global__ void __launch_bounds__(256) spatial_rows_kernel(const CEParams p) {
     for (int k = 0; k < V; ++k) {
       const RowContext<T, TR> row(p, r0 + k, true);
       acc_t scale, lse_grad;
-      load_saved(p, r0 + k, row, hi[k], lo[k], scale, lse_grad);
+      EntropySaved<acc_t> no_entropy;
+      load_saved<false>(p, r0 + k, row, hi[k], lo[k], scale, lse_grad, no_entropy);
       c[k] = grad_coefs(row.tgt, acc_t(0), scale, lse_grad);
       z_y[k] = row.z_y();
     }
@@ -113,7 +114,7 @@ __global__ void __launch_bounds__(256) spatial_rows_kernel(const CEParams p) {
       write_loss<false>(p, r0 + k, row, part[k], pivot[k], v_y[k]);  // skipped rows: fill
       if constexpr (PHASE == kForwardInplace) {
         acc_t scale, lse_grad;
-        inplace_saved(p, part[k], hi[k], lo[k], scale, lse_grad);
+        inplace_saved(p, r0 + k, part[k], hi[k], lo[k], scale, lse_grad);
         c[k] = grad_coefs(row.tgt, acc_t(0), scale, lse_grad);
       }
     }
@@ -129,7 +130,7 @@ __global__ void __launch_bounds__(256) spatial_rows_kernel(const CEParams p) {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         acc_t slope;
-        const acc_t d = softmax_grad(tr, x.x[k], hi[k], lo[k], c[k].gA, slope);
+        const acc_t d = softmax_grad<false>(tr, x.x[k], hi[k], lo[k], c[k], slope);
         res[k] = from_acc<T>(TR == kIdentity ? d : d * slope);
       }
       return out;
@@ -199,8 +200,9 @@ __global__ void __launch_bounds__(256) split_finish_kernel(const CEParams p, int
 }
 
 // Gradient of class-index rows from a saved lse, one chunk of one row per
-// block. `scale` is read at grad_output[r * grad_output_stride].
-template <typename T, int TR>
+// block. `scale` is read at grad_output[r * grad_output_stride]; ENT: with
+// the entropy's gradient.
+template <typename T, int TR, bool ENT>
 __global__ void __launch_bounds__(kSplitThreads) split_grad_kernel(const CEParams p, int splits,
                                                                   int64_t chunk) {
   using acc_t = typename AccOf<T>::type;
@@ -208,8 +210,9 @@ __global__ void __launch_bounds__(kSplitThreads) split_grad_kernel(const CEParam
   const GroupWalker<T, kSplitThreads> walk = chunk_walker<T>(p, splits, chunk, r);
   const RowContext<T, TR> row(p, r, true);
   acc_t hi, lo, scale, lse_grad;
-  load_saved(p, r, row, hi, lo, scale, lse_grad);
-  write_grad(row, walk, hi, lo, scale, row_sum_a<acc_t>(p, row.mode, acc_t(0)), lse_grad);
+  EntropySaved<acc_t> ent;
+  load_saved<ENT>(p, r, row, hi, lo, scale, lse_grad, ent);
+  write_grad<ENT>(row, walk, hi, lo, scale, row_sum_a<acc_t>(p, row.mode, acc_t(0)), lse_grad, ent);
 }
 
 // scale_grad_: grad[row] *= grad_output[row], rows walked as by the row

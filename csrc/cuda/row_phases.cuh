@@ -154,21 +154,26 @@ __device__ __forceinline__ void write_loss(const CEParams& p, int64_t r, const R
     // A row of only -inf never updated its argmax: PyTorch's is 0.
     const bool none = row.skip || row.empty;
     p.pred[r] = none ? -1 : (part.pred < 0 ? 0 : part.pred) + p.class_offset;
+    static_cast<acc_t*>(p.entropy)[r] = row.skip ? row.fill() : row_entropy(log_s, part.e, part.s);
     if (p.target_pred)
       p.target_pred[r] = none ? -1 : (part.target_pred < 0 ? 0 : part.target_pred) + p.class_offset;
   }
 }
 
-// gA * p_j for z_j, with lse = hi + lo, and dvalue(z_j) in `slope`.
-template <int TR, typename acc_t>
+// gA * p_j (+ gH dH/dv_j with ENT) for z_j, with lse = hi + lo, and
+// dvalue(z_j) in `slope`.
+template <bool ENT, int TR, typename acc_t>
 __device__ __forceinline__ acc_t softmax_grad(const LogitTransform<TR, acc_t>& tr, acc_t z, acc_t hi,
-                                              acc_t lo, acc_t gA, acc_t& slope) {
-  return gA * exp_acc((tr.value_slope(z, slope) - hi) - lo);
+                                              acc_t lo, const GradCoefs<acc_t>& c, acc_t& slope) {
+  const acc_t log_p = (tr.value_slope(z, slope) - hi) - lo, p = exp_acc(log_p);
+  if constexpr (ENT) return c.gA * p + c.gH * entropy_grad(p, log_p, c.H);
+  return c.gA * p;
 }
 
 // grad = dvalue * (gA p - gk a - [j == y] gy) over the walker's columns
-// (row_math.h), with lse = hi + lo; GENERAL as in row_pass.
-template <bool GENERAL, typename T, int TR, typename Walker>
+// (row_math.h), with lse = hi + lo; GENERAL as in row_pass; ENT adds the
+// entropy's gradient gH dH/dv (the backward of a differentiated entropy).
+template <bool GENERAL, bool ENT, typename T, int TR, typename Walker>
 __device__ __forceinline__ void grad_pass(const RowContext<T, TR>& row, const Walker& walk,
                                           typename AccOf<T>::type hi, typename AccOf<T>::type lo,
                                           const GradCoefs<typename AccOf<T>::type>& c) {
@@ -184,7 +189,7 @@ __device__ __forceinline__ void grad_pass(const RowContext<T, TR>& row, const Wa
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       acc_t slope;
-      acc_t d = softmax_grad(row.tr, x.x[k], hi, lo, c.gA, slope);
+      acc_t d = softmax_grad<ENT>(row.tr, x.x[k], hi, lo, c, slope);
       if constexpr (GENERAL) d -= c.gk * a.x[k];
       if (k == ky) d -= c.gy;  // folded in fp32, before rounding to the output type
       out.x[k] = TR == kIdentity ? d : d * slope;
@@ -193,12 +198,20 @@ __device__ __forceinline__ void grad_pass(const RowContext<T, TR>& row, const Wa
   });
 }
 
-template <typename T, int TR, typename Walker>
+// The entropy's upstream gradient and saved value for a row (zeros where
+// the backward has none).
+template <typename acc_t>
+struct EntropySaved {
+  acc_t grad, value;
+};
+
+template <bool ENT, typename T, int TR, typename Walker>
 __device__ __forceinline__ void write_grad(const RowContext<T, TR>& row, const Walker& walk,
                                            typename AccOf<T>::type hi, typename AccOf<T>::type lo,
                                            typename AccOf<T>::type scale,
                                            typename AccOf<T>::type sum_a,
-                                           typename AccOf<T>::type lse_grad) {
+                                           typename AccOf<T>::type lse_grad,
+                                           const EntropySaved<typename AccOf<T>::type>& ent) {
   using acc_t = typename AccOf<T>::type;
   if (!row.active) return;
   if (row.skip) {
@@ -211,43 +224,53 @@ __device__ __forceinline__ void write_grad(const RowContext<T, TR>& row, const W
     });
     return;
   }
-  const GradCoefs<acc_t> c = grad_coefs(row.tgt, sum_a, scale, lse_grad);
+  GradCoefs<acc_t> c = grad_coefs(row.tgt, sum_a, scale, lse_grad);
+  c.gH = ent.grad;
+  c.H = ent.value;
   if (row.mode == kPlain)
-    grad_pass<false>(row, walk, hi, lo, c);
+    grad_pass<false, ENT>(row, walk, hi, lo, c);
   else
-    grad_pass<true>(row, walk, hi, lo, c);
+    grad_pass<true, ENT>(row, walk, hi, lo, c);
 }
 
-// What the backward reads back for row r: the saved lse (as hi + lo) and
-// the upstream gradients of the loss and the lse; zeros for a row that is skipped.
-template <typename T, int TR>
+// What the backward reads back for row r: the saved lse (as hi + lo), the
+// upstream gradients of the loss and the lse, and with ENT the entropy's;
+// zeros for a row that is skipped.
+template <bool ENT, typename T, int TR>
 __device__ __forceinline__ void load_saved(const CEParams& p, int64_t r, const RowContext<T, TR>& row,
                                            typename AccOf<T>::type& hi,
                                            typename AccOf<T>::type& lo,
                                            typename AccOf<T>::type& scale,
-                                           typename AccOf<T>::type& lse_grad) {
+                                           typename AccOf<T>::type& lse_grad,
+                                           EntropySaved<typename AccOf<T>::type>& ent) {
   using acc_t = typename AccOf<T>::type;
   hi = lo = scale = lse_grad = 0;
+  ent = {0, 0};
   if (row.skip) return;
+  if constexpr (ENT) ent = {static_cast<const acc_t*>(p.grad_entropy)[r], static_cast<const acc_t*>(p.entropy)[r]};
   split_lse(static_cast<const double*>(p.lse)[r], hi, lo);
   scale = static_cast<const acc_t*>(p.grad_output)[r * p.grad_output_stride];
+  // The in-place forward's split gradient pass reads its scale here.
+  if (p.row_weight) scale *= static_cast<const acc_t*>(p.row_weight)[r];
   if (p.grad_lse) lse_grad = static_cast<const acc_t*>(p.grad_lse)[r];
   if (p.lse_grad_scale) lse_grad = *static_cast<const acc_t*>(p.lse_grad_scale) * (hi + lo);
 }
 
-// The in-place forward's counterpart of load_saved, from the row's reduced
-// partial: lse = m + log s (as hi + lo), the gradient's scale and the lse
-// gradient.
+// The in-place forward's counterpart of load_saved, from row r's reduced
+// partial: lse = m + log s (as hi + lo), the gradient's scale (times the
+// row's token weight) and the lse gradient.
 template <typename acc_t>
-__device__ __forceinline__ void inplace_saved(const CEParams& p, const Partial<acc_t>& part, acc_t& hi,
+__device__ __forceinline__ void inplace_saved(const CEParams& p, int64_t r, const Partial<acc_t>& part, acc_t& hi,
                                               acc_t& lo, acc_t& scale, acc_t& lse_grad) {
   hi = part.m;
   lo = static_cast<acc_t>(log(part.s));
   scale = *static_cast<const acc_t*>(p.grad_scale);
+  if (p.row_weight) scale *= static_cast<const acc_t*>(p.row_weight)[r];
   lse_grad = p.lse_grad_scale ? *static_cast<const acc_t*>(p.lse_grad_scale) * (hi + lo) : acc_t(0);
 }
 
 // Everything one row does in one phase, with one walker covering the row.
+// STATS: the forward's statistics; in the backward, the entropy's gradient.
 template <typename T, int PHASE, int TR, bool STATS, typename Walker>
 __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool active,
                                             const Walker& walk) {
@@ -262,18 +285,20 @@ __device__ __forceinline__ void process_row(const CEParams& p, int64_t r, bool a
       // to the same row; a warp's shuffles alone do not order memory.
       if constexpr (Walker::syncs_warp()) __syncwarp();
       acc_t hi, lo, scale, lse_grad;
-      inplace_saved(p, part, hi, lo, scale, lse_grad);
-      write_grad(row, walk, hi, lo, scale, row_sum_a<acc_t>(p, row.mode, part.sa), lse_grad);
+      inplace_saved(p, r, part, hi, lo, scale, lse_grad);
+      write_grad<false>(row, walk, hi, lo, scale, row_sum_a<acc_t>(p, row.mode, part.sa), lse_grad,
+                        EntropySaved<acc_t>{0, 0});
     }
   } else {
     acc_t hi, lo, scale, lse_grad, sa = 0;
-    load_saved(p, r, row, hi, lo, scale, lse_grad);
+    EntropySaved<acc_t> ent;
+    load_saved<STATS>(p, r, row, hi, lo, scale, lse_grad, ent);
     if (row.mode == kProb) {
       Partial<acc_t> part = empty_partial<acc_t>();
       if (!row.skip) walk.columns([&](int64_t j) { part.sa += row.coef(j); });
       sa = walk.template reduce<false>(part).sa;
     }
-    write_grad(row, walk, hi, lo, scale, row_sum_a<acc_t>(p, row.mode, sa), lse_grad);
+    write_grad<STATS>(row, walk, hi, lo, scale, row_sum_a<acc_t>(p, row.mode, sa), lse_grad, ent);
   }
 }
 

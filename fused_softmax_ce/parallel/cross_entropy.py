@@ -5,7 +5,7 @@ import math
 import torch
 
 from .. import _derivatives as D
-from .._checks import check_common, check_inplace
+from .._checks import check_common, check_inplace, token_weight_rows
 from .._derivatives import acc_dtype
 from .._finish import finish
 from .._inplace import scale_saved_grad_once
@@ -19,39 +19,40 @@ from .shards import (combine_shards, group_of, reducer, refuse_create_graph, sha
 INPLACE_CHUNK = 1 << 22
 
 
-def _gather_rows(x3, target, weight, options, stats, group, shard, agreed, nll):
+def _gather_rows(x3, target, weight, options, stats, group, shard, agreed, nll, token_weight):
     """Runs the shard's forward, then `combine_shards` (nll: with the
     smoothed mean's nll part)."""
-    loss_k, lse_k, *row_stats = ops.ce_forward(x3, target, weight, *options.op_args(), stats, *shard)
-    cols = stat_columns(x3, target, row_stats, options, shard) if stats else []
+    loss_k, lse_k, entropy_k, *row_stats = ops.ce_forward(x3, target, weight, *options.op_args(), stats, *shard)
+    cols = stat_columns(x3, target, lse_k, entropy_k, row_stats, options, shard) if stats else []
     v_y = target_values(x3, target, options, shard) if nll else None
     return combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, group, shard, x3.shape[1],
-                          agreed, v_y)
+                          agreed, v_y, token_weight)
 
 
 class VocabParallelFn(torch.autograd.Function):
-    """(loss_rows, lse, w_y_sum, nll_sum, *the row statistics) of the global
-    rows; the gradient reaches this rank's logits and probability-target shard."""
+    """(loss_rows, lse, entropy, w_y_sum, nll_sum, *the row statistics) of
+    the global rows; the gradient reaches this rank's logits and
+    probability-target shard."""
 
     @staticmethod
-    def forward(ctx, x3, target, weight, options, stats, group, shard, agreed, nll):
-        loss, lse, A_rest, w_y_sum, nll_sum, row_stats = _gather_rows(
-            x3, target, weight, options, stats, group, shard, agreed, nll)
-        ctx.save_for_backward(x3, target, weight, lse, A_rest)
+    def forward(ctx, x3, target, weight, options, stats, group, shard, agreed, nll, token_weight):
+        loss, lse, entropy, A_rest, w_y_sum, nll_sum, row_stats = _gather_rows(
+            x3, target, weight, options, stats, group, shard, agreed, nll, token_weight)
+        ctx.save_for_backward(x3, target, weight, lse, entropy, A_rest)
         ctx.options, ctx.shard = options, shard
         ctx.mark_non_differentiable(*row_stats)
         ctx.mark_non_differentiable(*(t for t in (w_y_sum, nll_sum) if t is not None))
         ctx.set_materialize_grads(False)
-        return loss, lse, w_y_sum, nll_sum, *row_stats
+        return loss, lse, entropy, w_y_sum, nll_sum, *row_stats
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse, *_):
+    def backward(ctx, grad_loss, grad_lse, grad_entropy, *_):
         refuse_create_graph()
-        x3, target, weight, lse, A_rest = ctx.saved_tensors
-        none = (None,) * 6
+        x3, target, weight, lse, entropy, A_rest = ctx.saved_tensors
+        none = (None,) * 7
         if ctx.needs_input_grad[2] and not target.is_floating_point():
             raise RuntimeError("the derivative for 'weight' is not implemented.")
-        if grad_loss is None and grad_lse is None:
+        if grad_loss is None and grad_lse is None and grad_entropy is None:
             return (None, None, None) + none
         acc = acc_dtype(x3.dtype)
         g = torch.zeros_like(lse, dtype=acc) if grad_loss is None else grad_loss.to(acc)
@@ -62,7 +63,8 @@ class VocabParallelFn(torch.autograd.Function):
             h = h + grad_lse.double()
         grad_x = grad_t = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = ops.ce_backward(g, h.to(acc), x3, target, weight, lse, *ctx.options.op_args(), *ctx.shard)
+            grad_x = ops.ce_backward(g, h.to(acc), x3, target, weight, lse, *ctx.options.op_args(), grad_entropy,
+                                     None if grad_entropy is None else entropy, *ctx.shard)
         eps = ctx.options.label_smoothing
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             v = D.effective_logits(x3, ctx.options)
@@ -78,15 +80,21 @@ class InplaceVocabParallelFn(torch.autograd.Function):
     """In-place mode on a shard: the forward writes the gradient of the
     reduced loss (z-loss included) into the logits' storage, exactly, with
     the global lse, in row chunks; the backward only rescales it. Returns
-    (loss, z_loss, lse, *the row statistics); only `loss` is differentiable."""
+    (loss, z_loss, lse, entropy, *the row statistics); only `loss` is
+    differentiable. token_weight (per row) or None weighs each row's
+    cross-entropy term, in the loss and in the gradient written."""
 
     @staticmethod
-    def forward(ctx, x3, target, weight, options, stats, group, shard, agreed, reduce):
-        loss_rows, lse, A_rest, w_y_sum, nll_sum, row_stats = _gather_rows(
-            x3, target, weight, options, stats, group, shard, agreed, reduce.needs_nll)
+    def forward(ctx, x3, target, weight, options, stats, group, shard, agreed, reduce, token_weight):
+        loss_rows, lse, entropy, A_rest, w_y_sum, nll_sum, row_stats = _gather_rows(
+            x3, target, weight, options, stats, group, shard, agreed, reduce.needs_nll, token_weight)
+        if token_weight is not None:
+            loss_rows = loss_rows * token_weight
         loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum, nll_sum)
         acc = acc_dtype(x3.dtype)
         g = grad_scale.to(acc).expand(lse.shape)
+        if token_weight is not None:
+            g = g * token_weight
         h = shard_grad_lse(g, A_rest, lse, lse_grad_scale, acc)
         inner = x3.shape[2] if x3.dim() == 3 else 1
         step = max(1, INPLACE_CHUNK // (x3.shape[1] * inner))
@@ -94,22 +102,22 @@ class InplaceVocabParallelFn(torch.autograd.Function):
             rows = slice(i * inner, (i + step) * inner)
             t = target[i:i + step] if target.is_floating_point() else target[rows]
             x3[i:i + step].copy_(ops.ce_backward(
-                g[rows], h[rows], x3[i:i + step], t, weight, lse[rows], *options.op_args(), *shard))
+                g[rows], h[rows], x3[i:i + step], t, weight, lse[rows], *options.op_args(), None, None, *shard))
         torch.autograd.graph.increment_version(x3)
         ctx.save_for_backward(x3)
         ctx.backward_done = False
-        ctx.mark_non_differentiable(z_loss, lse, *row_stats)
+        ctx.mark_non_differentiable(z_loss, lse, entropy, *row_stats)
         ctx.set_materialize_grads(False)
-        return loss, z_loss, lse, *row_stats
+        return loss, z_loss, lse, entropy, *row_stats
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         refuse_create_graph()
-        return (scale_saved_grad_once(ctx, grad_loss),) + (None,) * 8
+        return (scale_saved_grad_once(ctx, grad_loss),) + (None,) * 9
 
 
 def vocab_parallel_cross_entropy(input, target, weight, reduction, options, inplace_backward, return_stats,
-                                 process_group):
+                                 process_group, token_weight=None):
     """`cross_entropy(..., process_group=group)` for checked `LossOptions`:
     input holds this rank's contiguous slice of the classes, weight (if any)
     the same slice, a probability target the same slice; an index target
@@ -126,6 +134,7 @@ def vocab_parallel_cross_entropy(input, target, weight, reduction, options, inpl
     x3 = layout(input, rows_view)
     t, out_dtype, loss_shape, valid = resolve_target(input, target, weight, options.ignore_index, autocast,
                                                      rows_view)
+    tw = token_weight_rows(token_weight, loss_shape, input.device, acc)
     inplace = inplace_backward and torch.is_grad_enabled() and input.requires_grad
     if inplace:
         check_inplace(input, t, weight)  # before any collective: every rank fails alike
@@ -135,10 +144,13 @@ def vocab_parallel_cross_entropy(input, target, weight, reduction, options, inpl
 
     reduce = reducer(reduction, weight, valid, count, options, acc)
     if inplace:
-        loss, z_loss, lse, *row_stats = InplaceVocabParallelFn.apply(
-            x3, t, weight, options, return_stats, group, shard, agreed, reduce)
+        loss, z_loss, lse, entropy, *row_stats = InplaceVocabParallelFn.apply(
+            x3, t, weight, options, return_stats, group, shard, agreed, reduce, tw)
     else:
-        loss_rows, lse, w_y_sum, nll_sum, *row_stats = VocabParallelFn.apply(
-            x3, t, weight, options, return_stats, group, shard, agreed, reduce.needs_nll)
+        loss_rows, lse, entropy, w_y_sum, nll_sum, *row_stats = VocabParallelFn.apply(
+            x3, t, weight, options, return_stats, group, shard, agreed, reduce.needs_nll, tw)
+        if tw is not None:
+            loss_rows = loss_rows * tw
         loss, z_loss = reduce(loss_rows, lse, w_y_sum, nll_sum)[:2]
-    return finish(loss, z_loss, lse, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid, count)
+    return finish(loss, z_loss, lse, entropy, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid,
+                  count)

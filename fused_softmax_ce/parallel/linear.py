@@ -36,11 +36,13 @@ from .shards import (combine_shards, group_of, reducer, refuse_create_graph, sha
 
 
 class VocabParallelLinearFn(torch.autograd.Function):
-    """(loss, z_loss, lse, *the row statistics) of the global rows; only `loss` is differentiable."""
+    """(loss, z_loss, lse, entropy, *the row statistics) of the global rows;
+    only `loss` is differentiable. token_weight (per row) or None weighs each
+    row's cross-entropy term."""
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, options, stats, chunk_size,
-                grad_acc_dtype, group, shard, agreed, reduce):
+                grad_acc_dtype, group, shard, agreed, reduce, token_weight):
         n, device = input.shape[0], input.device
         cdt = compute_dtype(input.dtype, device)
         (w, b), cw = cast(cdt, linear_weight, linear_bias), weight  # the kernels read cw in float32
@@ -51,41 +53,45 @@ class VocabParallelLinearFn(torch.autograd.Function):
         with torch.autocast(device.type, enabled=False):
             for start, stop, _x, logits in chunks(input, w, b, cdt, chunk_size):
                 t = target[start:stop]
-                loss_k[start:stop], lse_k[start:stop], *row_stats = ops.ce_forward(
+                loss_k[start:stop], lse_k[start:stop], entropy_k, *row_stats = ops.ce_forward(
                     logits, t, cw, *options.op_args(), stats, *shard)
                 if stats:
-                    cols.append(torch.stack(stat_columns(logits, t, row_stats, options, shard)))
+                    cols.append(torch.stack(stat_columns(logits, t, lse_k[start:stop], entropy_k, row_stats,
+                                                         options, shard)))
                 if reduce.needs_nll:
                     v_y.append(target_values(logits, t, options, shard))
         # The per-row values come out of the all_gather; none pass through.
         no_stats = [torch.empty(0, dtype=torch.long, device=device) for _ in RowStats._fields]
-        loss_rows, lse, A_rest, w_y_sum, nll_sum, row_stats = combine_shards(
+        loss_rows, lse, entropy, A_rest, w_y_sum, nll_sum, row_stats = combine_shards(
             loss_k, lse_k, list(torch.cat(cols, 1)) if cols else [], no_stats, target, weight, options, group,
-            shard, linear_weight.shape[0], agreed, torch.cat(v_y) if v_y else None)
+            shard, linear_weight.shape[0], agreed, torch.cat(v_y) if v_y else None, token_weight)
+        if token_weight is not None:
+            loss_rows = loss_rows * token_weight
         loss, z_loss, grad_scale, lse_grad_scale = reduce(loss_rows, lse, w_y_sum, nll_sum)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, A_rest, grad_scale,
-                              lse_grad_scale)
+                              lse_grad_scale, token_weight)
         ctx.options, ctx.shard, ctx.args = options, shard, (chunk_size, grad_acc_dtype)
-        ctx.mark_non_differentiable(z_loss, lse, *row_stats)
+        ctx.mark_non_differentiable(z_loss, lse, entropy, *row_stats)
         ctx.set_materialize_grads(False)
-        return loss, z_loss, lse, *row_stats
+        return loss, z_loss, lse, entropy, *row_stats
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         refuse_create_graph()
         (input, linear_weight, linear_bias, target, weight, lse, A_rest, grad_scale,
-         lse_grad_scale) = ctx.saved_tensors
+         lse_grad_scale, token_weight) = ctx.saved_tensors
         chunk_size, grad_acc_dtype = ctx.args
         if weight is not None and ctx.needs_input_grad[4]:
             raise RuntimeError("the derivative for 'weight' is not implemented.")
         needs = ctx.needs_input_grad[:3]
-        none = (None,) * 10
+        none = (None,) * 11
         if grad_loss is None or not any(needs):
             return (None,) * 3 + none
         cdt = compute_dtype(input.dtype, input.device)
         acc = acc_dtype(cdt)
         go = grad_loss.to(acc)  # a scalar, or per row for reduction 'none'
-        g = (go * grad_scale).expand(lse.shape).contiguous()
+        g = (go * grad_scale).expand(lse.shape)
+        g = (g if token_weight is None else g * token_weight).contiguous()
         h = shard_grad_lse(g, A_rest, lse, None if lse_grad_scale is None else go.double() * lse_grad_scale, acc)
         (w, b), cw = cast(cdt, linear_weight, linear_bias), weight  # the kernels read cw in float32
         grads = Grads(input, linear_weight, linear_bias, cdt, chunk_size, grad_acc_dtype, *needs)
@@ -93,17 +99,19 @@ class VocabParallelLinearFn(torch.autograd.Function):
             for start, stop, x, logits in chunks(input, w, b, cdt, chunk_size):
                 rows = slice(start, stop)
                 grad = ops.ce_backward(g[rows], h[rows], logits, target[rows], cw, lse[rows],
-                                       *ctx.options.op_args(), *ctx.shard)
+                                       *ctx.options.op_args(), None, None, *ctx.shard)
                 grads.add(grad, x, w, start, stop)
         return tuple(grad if need else None for grad, need in zip(grads.result(), needs)) + none
 
 
 def vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, options,
-                                        stats, chunk_size, grad_acc_dtype, valid, count, process_group):
+                                        stats, chunk_size, grad_acc_dtype, valid, count, process_group,
+                                        token_weight=None):
     """`linear_cross_entropy(..., process_group=group)` on checked (N, H)
-    input, (N,) int64 target and `LossOptions`: (loss, z_loss, lse, *the row statistics), reduced."""
+    input, (N,) int64 target, `LossOptions` and per-row token weights or
+    None: (loss, z_loss, lse, entropy, *the row statistics), reduced."""
     group = group_of(process_group)
     shard, agreed = shard_of(group, linear_weight.shape[0], input.shape[0], input.device)
     reduce = reducer(reduction, weight, valid, count, options, count.dtype)
     return VocabParallelLinearFn.apply(input, linear_weight, linear_bias, target, weight, options, bool(stats),
-                                       int(chunk_size), grad_acc_dtype, group, shard, agreed, reduce)
+                                       int(chunk_size), grad_acc_dtype, group, shard, agreed, reduce, token_weight)

@@ -128,13 +128,15 @@ def target_values(x3, target, options, shard):
     return torch.where(here, _value_at(x3, torch.where(here, local, 0), options), 0.0)
 
 
-def stat_columns(x3, target, row_stats, options, shard):
-    """The per-row values the stats gather (float64), from the shard's
-    `RowStats`: its max effective logit and its argmax, and for probability
-    targets the target's."""
+def stat_columns(x3, target, lse_k, entropy_k, row_stats, options, shard):
+    """The per-row values the stats gather (float64), from the shard's lse,
+    entropy and `RowStats`: the mean effective logit under the shard's own
+    softmax (lse_k - entropy_k), its max effective logit and its argmax, and
+    for probability targets the target's."""
     offset = shard.class_offset
     pred, target_pred = RowStats(*row_stats)
-    cols = [_value_at(x3, pred - offset, options), pred.double()]
+    mean_k = torch.where(lse_k.isneginf(), 0.0, lse_k - entropy_k.double())  # a shard of no classes adds nothing
+    cols = [mean_k, _value_at(x3, pred - offset, options), pred.double()]
     if target.is_floating_point():
         t_max = target.gather(1, (target_pred - offset).reshape(D.row_shape(x3))).reshape(-1)
         cols += [t_max.double(), target_pred.double()]
@@ -142,13 +144,15 @@ def stat_columns(x3, target, row_stats, options, shard):
 
 
 def combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, group, shard, n_classes, agreed,
-                   v_y=None):
+                   v_y=None, token_weight=None):
     """The all_gather of the shard's per-row (lse_k, L_k, A_k) and stat
-    columns: (loss_rows, lse, A - A_k, sum of w_y or None, the smoothed
-    loss's nll part or None, `RowStats`), all global; the row statistics pass
-    through without stats. With v_y (`target_values`), the rows' w_y and
-    w_y v_y travel too, for the nll part (1 - eps) sum w_y (lse - v_y) that
-    PyTorch's smoothed mean divides apart (see `reduce_rows`)."""
+    columns: (loss_rows, lse, entropy, A - A_k, sum of w_y or None, the
+    smoothed loss's nll part or None, `RowStats`), all global (the entropy in
+    the loss's dtype, empty without stats); the row statistics pass through
+    without stats. With v_y (`target_values`), the rows' w_y and w_y v_y
+    (times their token weights) travel too, for the nll part (1 - eps) sum
+    w_y (lse - v_y) that PyTorch's smoothed mean divides apart (see
+    `reduce_rows`)."""
     pred, target_pred = RowStats(*row_stats)
     A_k, w_y = _shard_coefficient(target, weight, options, shard, n_classes)
     # (L_k, A_k) travel in the accumulation type, the kernels' own precision:
@@ -156,7 +160,8 @@ def combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, grou
     pair = torch.stack([loss_k, A_k.to(loss_k.dtype)], 1).view(torch.float64).reshape(-1)
     rows = lse_k.numel()
     extra = [w_y.sum().reshape(1)] if w_y is not None and weight is not None else []
-    nll_cols = [w_y, w_y * v_y] if v_y is not None else []
+    w_nll = w_y if token_weight is None or v_y is None else w_y * token_weight.double()
+    nll_cols = [w_nll, w_nll * v_y] if v_y is not None else []
     payload = torch.cat([lse_k, pair] + cols + nll_cols + extra + [agreed.double().reshape(1)])
     world = dist.get_world_size(group)
     every = payload.new_empty(world, payload.numel())
@@ -182,13 +187,19 @@ def combine_shards(loss_k, lse_k, cols, row_stats, target, weight, options, grou
     shift = torch.where(A_all != 0, A_all * (lse - lse_all), 0.0)
     loss = (loss_all.sum(0) + shift.sum(0)).to(loss_k.dtype)
     A_rest = A_all.sum(0) - A_all[dist.get_rank(group)]
+    entropy = loss_k.new_empty(0)
     if cols:
-        pred = _first_max(per_row[:, 0], per_row[:, 1]).long()
+        # H = lse - sum_k exp(lse_k - lse) E_k[v], E_k the shard's mean effective logit.
+        entropy = lse - (torch.exp(lse_all - lse) * per_row[:, 0]).sum(0)
+        if not target.is_floating_point():
+            entropy = torch.where(target != options.ignore_index, entropy, 0.0)
+        entropy = entropy.to(loss_k.dtype)
+        pred = _first_max(per_row[:, 1], per_row[:, 2]).long()
         if target.is_floating_point():
-            target_pred = _first_max(per_row[:, 2], per_row[:, 3]).long()
+            target_pred = _first_max(per_row[:, 3], per_row[:, 4]).long()
     w_y_sum = every[:, -1].sum() if extra else None
     nll_sum = (1 - options.label_smoothing) * (nll_rows[0] * lse - nll_rows[1]).sum() if nll_cols else None
-    return loss, lse, A_rest, w_y_sum, nll_sum, RowStats(pred, target_pred)
+    return loss, lse, entropy, A_rest, w_y_sum, nll_sum, RowStats(pred, target_pred)
 
 
 def shard_grad_lse(g, A_rest, lse, lse_grad, acc):
