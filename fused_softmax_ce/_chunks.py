@@ -4,6 +4,8 @@ buffer, and `Grads` sums each chunk's share of the input, weight and bias
 gradients from its dloss/dlogits."""
 import torch
 
+from ._ops import ops
+
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -86,3 +88,25 @@ class Grads:
         self.cast_buf = None
         return tuple(grad.to(dtype) if needed else grad
                      for grad, dtype, needed in zip((self.input, self.weight, self.bias), self.dtypes, self.needs))
+
+
+def recomputed_grads(input, linear_weight, linear_bias, target, weight, lse, options, shard, chunk_size,
+                     grad_acc_dtype, needs, g, h, grad_entropy=None, entropy=None):
+    """The (input, weight, bias) gradients, None where `needs` says so, for
+    per-row upstream gradients of the loss (g), the lse (h, or None) and the
+    entropy (with the forward's entropy, or None): each chunk's logits are
+    recomputed and the backward kernel makes their dloss/dlogits."""
+    cdt = compute_dtype(input.dtype, input.device)
+    w, b = cast(cdt, linear_weight, linear_bias)  # the kernels read the class weight as it is
+    grads = Grads(input, linear_weight, linear_bias, cdt, chunk_size, grad_acc_dtype, *needs)
+
+    def rows_of(t, rows):
+        return None if t is None else t[rows]
+
+    with torch.autocast(input.device.type, enabled=False):
+        for start, stop, x, logits in chunks(input, w, b, cdt, chunk_size):
+            rows = slice(start, stop)
+            grad = ops.ce_backward(g[rows], rows_of(h, rows), logits, target[rows], weight, lse[rows],
+                                   *options.op_args(), rows_of(grad_entropy, rows), rows_of(entropy, rows), *shard)
+            grads.add(grad, x, w, start, stop)
+    return tuple(grad if need else None for grad, need in zip(grads.result(), needs))

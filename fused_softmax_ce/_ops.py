@@ -130,8 +130,9 @@ def _forward_setup(ctx, inputs, output):
     logits, target, weight, *args = inputs
     ctx.save_for_backward(logits, target, weight, output[1], output[2])
     ctx.save_for_forward(logits, target, weight, output[1], output[2])
-    ctx.options, (_stats, *shard) = LossOptions.split_op_args(args)
+    ctx.options, (stats, *shard) = LossOptions.split_op_args(args)
     ctx.shard = Shard(*shard)
+    ctx.stats = stats  # without it the entropy is empty: a gradient for it (aot's zeros) is dropped
     ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(*output[3:])  # the argmax statistics
     ctx.set_materialize_grads(False)
@@ -148,6 +149,8 @@ def _forward_backward(ctx, grad_output, grad_lse, grad_entropy, backward_op):
     probability targets the target's and the class weight's (the entropy
     depends on neither)."""
     logits, target, weight, lse, entropy = ctx.saved_tensors
+    if not ctx.stats:
+        grad_entropy = None
     none = (None,) * (ctx.num_inputs - 3)
     if ctx.needs_input_grad[2] and not target.is_floating_point():
         raise RuntimeError("the derivative for 'weight' is not implemented.")

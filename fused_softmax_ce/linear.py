@@ -19,6 +19,7 @@ from ._chunks import HALF, compute_dtype, default_chunk_size
 from ._derivatives import acc_dtype
 from ._finish import finish
 from ._inplace import refuse_gradient, under_functorch
+from ._linear_entropy import LinearEntropy
 from ._linear_op import linear_ce
 from ._reduction import grad_scales, mean_denominator
 from .functional import cross_entropy
@@ -39,8 +40,8 @@ class _StatisticOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        refuse_gradient(grad, "linear_cross_entropy computes the gradient of `loss` in the forward; its z_loss, "
-                              "lse and entropy statistics are for logging and not differentiable")
+        refuse_gradient(grad, "linear_cross_entropy computes the gradient of `loss` in the forward; its z_loss "
+                              "and lse statistics are for logging and not differentiable")
         return None, None
 
 
@@ -194,13 +195,15 @@ def linear_cross_entropy(
         loss, _, _, _, z_loss, lse, entropy, *row_stats = linear_ce(
             x, linear_weight, t, linear_bias, weight, scale, None, tw, reduction, *options.op_args(), lse_grad_scale,
             bool(return_stats), int(chunk_size), grad_acc_dtype, *need)
+        if return_stats:
+            entropy = LinearEntropy.apply(entropy, x, linear_weight, linear_bias, t, weight, lse, options, (),
+                                          int(chunk_size), grad_acc_dtype)
     out = finish(loss, z_loss, lse, entropy, row_stats, reduction, loss_shape, out_dtype, return_stats, t, valid,
                  count)
     differentiable = grad_on and any(p is not None and p.requires_grad for p in (x, linear_weight, linear_bias))
     if return_stats and differentiable:
         out = out._replace(z_loss=_StatisticOnly.apply(out.z_loss, out.loss),
-                           lse=_StatisticOnly.apply(out.lse, out.loss),
-                           entropy=_StatisticOnly.apply(out.entropy, out.loss))
+                           lse=_StatisticOnly.apply(out.lse, out.loss))
     return out
 
 

@@ -25,7 +25,8 @@ EMU_OUT = pathlib.Path(os.environ.get("FSCE_EMU_OUT", ROOT / "build" / "emu"))
 # csrc/params.h's DType.
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 POINTERS = ("logits", "target_index", "target_prob", "weight", "weight_sum", "loss", "lse", "pred",
-            "target_pred", "grad", "grad_output", "grad_lse", "grad_scale", "lse_grad_scale")
+            "target_pred", "grad", "grad_output", "grad_lse", "grad_scale", "lse_grad_scale", "entropy",
+            "grad_entropy", "row_weight")
 INTS = ("outer", "classes", "inner", "rows", "logits_outer_stride", "target_outer_stride", "ignore_index",
         "class_offset", "total_classes", "grad_outer_stride", "grad_output_stride")
 FLOATS = ("label_smoothing", "logit_scale", "softcap")
@@ -220,7 +221,7 @@ def _target_fields(case, x, target, weight, ignore_index, label_smoothing, logit
 
 def forward_case(name, x, target, weight=None, *, ignore_index=-100, label_smoothing=0.0, logit_scale=1.0,
                  softcap=0.0, stats=False, class_offset=0, total_classes=None, inplace=False, grad_scale=1.0,
-                 lse_grad_scale=None, device=H100):
+                 lse_grad_scale=None, token_weight=None, device=H100):
     """ce_forward (inplace=False) or ce_forward_inplace: x's rows must be in block layout."""
     case = Case("forward_inplace" if inplace else "forward", name, device)
     _shape_fields(case, x)
@@ -230,6 +231,7 @@ def forward_case(name, x, target, weight=None, *, ignore_index=-100, label_smoot
     case.output("loss", (rows,), acc)
     case.output("lse", (rows,), torch.float64)
     if stats:
+        case.output("entropy", (rows,), acc)
         case.output("pred", (rows,), torch.long)
         if target.dtype != torch.long:
             case.output("target_pred", (rows,), torch.long)
@@ -239,10 +241,13 @@ def forward_case(name, x, target, weight=None, *, ignore_index=-100, label_smoot
         case.put("grad_scale", torch.tensor([grad_scale], dtype=acc))
         if lse_grad_scale is not None:
             case.put("lse_grad_scale", torch.tensor([lse_grad_scale], dtype=acc))
+        if token_weight is not None:
+            case.put("row_weight", token_weight.to(acc).contiguous())
     return case
 
 
-def backward_case(name, x, target, weight, lse, grad_output, grad_lse=None, *, grad_stride=None, grad_offset=0,
+def backward_case(name, x, target, weight, lse, grad_output, grad_lse=None, *, grad_entropy=None, entropy=None,
+                  grad_stride=None, grad_offset=0,
                   ignore_index=-100, label_smoothing=0.0, logit_scale=1.0, softcap=0.0, class_offset=0,
                   total_classes=None, device=H100):
     """ce_backward into a poisoned gradient of the given layout (contiguous by default)."""
@@ -255,6 +260,9 @@ def backward_case(name, x, target, weight, lse, grad_output, grad_lse=None, *, g
     case.ints["grad_output_stride"] = grad_output.stride(0)
     if grad_lse is not None:
         case.put("grad_lse", grad_lse.to(acc_dtype(x.dtype)).contiguous())
+    if grad_entropy is not None:
+        case.put("grad_entropy", grad_entropy.to(acc_dtype(x.dtype)).contiguous())
+        case.put("entropy", entropy.to(acc_dtype(x.dtype)).contiguous())
     case.output("grad", tuple(x.shape), x.dtype, grad_stride, grad_offset)
     case.ints["grad_outer_stride"] = case.views["grad"].stride[0]
     return case

@@ -41,6 +41,8 @@ class Spec:
     device: int = E.H100
     grad_output: torch.Tensor = None  # backward and scale_rows, in the accumulation type
     grad_lse: torch.Tensor = None
+    grad_entropy: torch.Tensor = None  # backward, with the reference's entropy
+    token_weight: torch.Tensor = None  # in place, per row
     grad_scale: float = 1.0  # in place
     lse_grad_scale: float = None
     grad_stride: tuple = None  # backward: the gradient's layout
@@ -57,11 +59,14 @@ class Spec:
             return E.scale_case(self.name, self.x, self.grad_output, self.device)
         if self.phase == "backward":
             return E.backward_case(self.name, self.x, self.target, self.weight, reference(self)["lse"],
-                                   self.grad_output, self.grad_lse, grad_stride=self.grad_stride,
+                                   self.grad_output, self.grad_lse, grad_entropy=self.grad_entropy,
+                                   entropy=reference(self)["entropy"] if self.grad_entropy is not None else None,
+                                   grad_stride=self.grad_stride,
                                    grad_offset=self.grad_offset, device=self.device, **self.options())
         return E.forward_case(self.name, self.x, self.target, self.weight, stats=self.stats,
                               inplace=self.phase == "forward_inplace", grad_scale=self.grad_scale,
-                              lse_grad_scale=self.lse_grad_scale, device=self.device, **self.options())
+                              lse_grad_scale=self.lse_grad_scale, token_weight=self.token_weight,
+                              device=self.device, **self.options())
 
 
 # --- the float64 reference ----------------------------------------------------
@@ -89,7 +94,7 @@ def reference(spec):
 
 
 def _compute_reference(s):
-    """loss, lse, pred, target_pred and the gradient, in float64 (skipped rows filled as the kernels do)."""
+    """loss, lse, entropy, pred, target_pred and the gradient, in float64 (skipped rows filled as the kernels do)."""
     z = s.x.detach().double().requires_grad_()
     v = as_rows(transform(z, s.logit_scale, s.softcap))
     rows, classes = v.shape
@@ -97,6 +102,7 @@ def _compute_reference(s):
     eps = s.label_smoothing
     lse = torch.logsumexp(v, 1) if classes else torch.full((rows,), -torch.inf, dtype=torch.float64)
     logp = v - lse[:, None]
+    entropy = -(logp.exp() * logp).sum(1)
     w = s.weight.double() if s.weight is not None else torch.ones(classes, dtype=torch.float64)
     if s.target.is_floating_point():
         a = w * ((1 - eps) * as_rows(s.target.double()) + eps / total)
@@ -120,8 +126,11 @@ def _compute_reference(s):
         objective = (g * loss)[keep].sum()
         if s.grad_lse is not None:
             objective = objective + (s.grad_lse.double() * lse)[keep].sum()
-    else:  # the in-place forward's gradient: grad_scale * dloss + z-loss
-        objective = s.grad_scale * loss[keep].sum()
+        if s.grad_entropy is not None:
+            objective = objective + (s.grad_entropy.double() * entropy)[keep].sum()
+    else:  # the in-place forward's gradient: grad_scale * token_weight * dloss + z-loss
+        tw = s.token_weight.double() if s.token_weight is not None else 1.0
+        objective = s.grad_scale * (tw * loss)[keep].sum()
         if s.lse_grad_scale is not None:
             objective = objective + (s.lse_grad_scale / 2 * lse**2)[keep].sum()
     grad = torch.autograd.grad(objective, z, allow_unused=True)[0] if keep.any() and classes else None
@@ -132,6 +141,8 @@ def _compute_reference(s):
     fill = torch.where(ignored, 0.0, torch.nan)
     out = {"loss": torch.where(keep, loss, fill).detach(), "lse": torch.where(keep, lse, fill).detach(),
            "grad": grad}
+    if s.stats or s.grad_entropy is not None:
+        out["entropy"] = torch.where(keep, entropy, fill).detach()
     if s.stats:
         acc = E.acc_dtype(s.x.dtype)
         pred = as_rows(transform(s.x.to(acc), s.logit_scale, s.softcap)).argmax(1) + s.class_offset
@@ -148,15 +159,15 @@ def cpu_reference(s):
     o["total_classes"] = -1 if o["total_classes"] is None else o["total_classes"]
     x, target = s.x.clone(), s.target.reshape(-1)
     if s.phase == "forward":
-        loss, lse, pred, _ = ops.ce_forward(x, target, s.weight, o["ignore_index"], o["label_smoothing"],
+        loss, lse, entropy, pred, _ = ops.ce_forward(x, target, s.weight, o["ignore_index"], o["label_smoothing"],
                                             o["logit_scale"], o["softcap"], s.stats, o["class_offset"],
                                             o["total_classes"])
-        return {"loss": loss, "lse": lse, **({"pred": pred} if s.stats else {})}
+        return {"loss": loss, "lse": lse, **({"pred": pred, "entropy": entropy} if s.stats else {})}
     acc = E.acc_dtype(x.dtype)
-    loss, lse, pred, _ = ops.ce_forward_inplace(
+    loss, lse, entropy, pred, _ = ops.ce_forward_inplace(
         x, target, s.weight, torch.tensor(s.grad_scale, dtype=acc), o["ignore_index"], o["label_smoothing"],
-        o["logit_scale"], o["softcap"], None, s.stats, o["class_offset"], o["total_classes"])
-    return {"loss": loss, "lse": lse, "grad": x, **({"pred": pred} if s.stats else {})}
+        o["logit_scale"], o["softcap"], None, s.stats, s.token_weight, o["class_offset"], o["total_classes"])
+    return {"loss": loss, "lse": lse, "grad": x, **({"pred": pred, "entropy": entropy} if s.stats else {})}
 
 
 # --- the cases ----------------------------------------------------------------
@@ -182,7 +193,7 @@ def index_target(x, ignore_every=0, invalid_row=None):
 # rows, spatial_kernel otherwise; spatial_odd: S not a multiple of 4.
 PATHS = {"warp": ((11, 1000), E.H100), "rows": ((5, 3001), E.H100), "split": ((3, 16389), E.SMALL),
          "spatial": ((3, 17, 8), E.H100), "spatial_odd": ((3, 17, 7), E.H100)}
-OPTIONS = ("plain", "smooth", "prob", "stats", "zloss", "softcap", "scale")
+OPTIONS = ("plain", "smooth", "prob", "stats", "zloss", "softcap", "scale", "entropy")
 PHASES = ("forward", "forward_inplace", "backward")
 
 
@@ -209,6 +220,13 @@ def grid_spec(path, option, phase, dtype_name):
         s.logit_scale, s.softcap = 0.8, 15.0
     elif option == "scale":
         s.logit_scale = 1.7
+    elif option == "entropy":  # the entropy's value, its gradient, token weights in place
+        s.target, s.logit_scale, s.softcap = index_target(x, ignore_every=3, invalid_row=1), 1.2, 20.0
+        s.stats = phase != "backward"
+        if phase == "backward":
+            s.grad_entropy = torch.randn(rows, dtype=acc)
+        elif phase == "forward_inplace":
+            s.token_weight = torch.randn(rows, dtype=acc)
     if phase == "backward":
         # A stride-0 grad_output (the mean's) for smoothing, one per row otherwise.
         s.grad_output = (torch.tensor([0.37], dtype=acc).expand(rows) if option == "smooth"
@@ -362,7 +380,7 @@ def batches():
 
 def tolerance(dtype, output):
     """Per-row outputs are in the accumulation type; the gradient in the logits' dtype."""
-    if output in ("loss", "lse"):
+    if output in ("loss", "lse", "entropy"):
         dtype = E.acc_dtype(dtype)
     return TOLERANCES[dtype]
 

@@ -23,7 +23,7 @@ def test_opcheck(device):
     probs = random_probs((6, 11), torch.float32, device)
     for target, weight in [(y, None), (y, w), (probs, w)]:
         torch.library.opcheck(ops.ce_forward, (x.clone().requires_grad_(), target, weight, -100, 0.1))
-        loss, lse, _, _ = ops.ce_forward(x, target, weight, -100, 0.1)
+        loss, lse, _, _, _ = ops.ce_forward(x, target, weight, -100, 0.1)
         for grad_lse in (None, torch.rand_like(lse)):
             torch.library.opcheck(ops.ce_backward, (torch.rand_like(loss).requires_grad_(), grad_lse, x.clone().requires_grad_(), target, weight, lse, -100, 0.1))
         torch.library.opcheck(

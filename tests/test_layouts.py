@@ -38,7 +38,7 @@ def test_row_padded_gradient(device, dtype, shape):
 def test_row_padded_gradient_keeps_the_layout(device, shape):
     x = row_padded(shape, torch.bfloat16, device)
     target = random_targets(shape[1], (shape[0],) + shape[2:], device).reshape(-1)  # the ops' rows
-    loss, lse, _, _ = ops.ce_forward(x, target, None, -100, 0.0)
+    loss, lse, _, _, _ = ops.ce_forward(x, target, None, -100, 0.0)
     grad = ops.ce_backward(torch.rand_like(loss), None, x, target, None, lse, -100, 0.0)
     phase = 16 // x.element_size()
     # The row stride's phase, with under 16 bytes of padding a row: not the slice's wide rows.

@@ -224,11 +224,11 @@ def test_opcheck(device):
                                              ("none", b, None, plain), ("mean", b, None, llm)]:
         needs = reduction != "none"
         scale = torch.full((), 0.25, device=device)
-        torch.library.opcheck(_linear_ce, (x, w, y, bias, weight, scale, None, reduction, -100, 0.1, *options, 3,
-                                           torch.float32, needs, needs, needs and bias is not None))
-    rows = torch.rand(7, device=device)
+        torch.library.opcheck(_linear_ce, (x, w, y, bias, weight, scale, None, None, reduction, -100, 0.1, *options,
+                                           3, torch.float32, needs, needs, needs and bias is not None))
+    rows, token_weight = torch.rand(7, device=device), torch.randn(7, device=device)
     torch.library.opcheck(_linear_ce, (x.detach(), w.detach(), y, None, None, torch.ones((), device=device), rows,
-                                       "none", -100, 0.0, *llm, 2, torch.float32, True, True, False))
+                                       token_weight, "none", -100, 0.0, *llm, 2, torch.float32, True, True, False))
 
 
 @device_param()

@@ -204,7 +204,7 @@ def test_inplace_stats_are_not_differentiable(device):
 def test_ignored_rows_have_no_prediction_or_lse(device):
     logits = random_logits((4, 6), torch.float32, device)
     target = torch.tensor([1, -100, 2, -100], device=device)
-    loss, lse, pred, target_pred = ops.ce_forward(logits, target, None, -100, 0.0, 1.0, 0.0, True)
+    loss, lse, _, pred, target_pred = ops.ce_forward(logits, target, None, -100, 0.0, 1.0, 0.0, True)
     assert pred.tolist()[1::2] == [-1, -1] and lse.tolist()[1::2] == [0.0, 0.0]
     assert pred.tolist()[0::2] == logits.argmax(1).tolist()[0::2]
     assert target_pred.numel() == 0
@@ -228,7 +228,7 @@ def test_argmax_ties_in_long_rows(device, dtype, softcap):
     for row, positions in enumerate(ties):
         for pos in positions:
             logits[row, pos] = 50.0
-    _, _, pred, _ = ops.ce_forward(logits, torch.zeros(6, dtype=torch.long, device=device), None, -100, 0.0,
+    _, _, _, pred, _ = ops.ce_forward(logits, torch.zeros(6, dtype=torch.long, device=device), None, -100, 0.0,
                                    1.0, softcap or 0.0, True)
     assert pred.tolist() == [min(p) for p in ties]
 
@@ -240,7 +240,7 @@ def test_argmax_takes_the_first_nan_as_torch(device, c):
     logits[0, c // 2] = float("nan")
     logits[0, c - 1] = float("nan")
     logits[1, 1] = float("nan")
-    _, _, pred, _ = ops.ce_forward(logits, torch.zeros(3, dtype=torch.long, device=device), None, -100, 0.0,
+    _, _, _, pred, _ = ops.ce_forward(logits, torch.zeros(3, dtype=torch.long, device=device), None, -100, 0.0,
                                    1.0, 0.0, True)
     assert pred.tolist() == logits.argmax(1).tolist()
 
@@ -285,7 +285,7 @@ def test_opcheck_with_options(device):
     for target in (y, probs):
         args = (target, w, -100, 0.1, 1.5, 4.0)
         torch.library.opcheck(ops.ce_forward, (x.clone().requires_grad_(),) + args + (True,))
-        loss, lse, _, _ = ops.ce_forward(x, *args)
+        loss, lse, _, _, _ = ops.ce_forward(x, *args)
         torch.library.opcheck(ops.ce_backward, (torch.rand_like(loss), torch.rand_like(lse), x, target, w, lse,
                                                 -100, 0.1, 1.5, 4.0))
         torch.library.opcheck(ops.ce_forward_inplace, (x.clone(), target, w, torch.ones((), device=device),

@@ -31,6 +31,8 @@ CASES = [
     ("prob", dict(reduction="sum", z_loss_scale=0.02, return_stats=True)),
     ("index", dict(reduction="none", return_stats=True, spatial=True)),
     ("ignore", dict(reduction="mean", weight=True, z_loss_scale=0.01, inplace_backward=True, label_smoothing=0.1)),
+    ("ignore", dict(reduction="mean", weight=True, label_smoothing=0.1, token_weight=True, return_stats=True)),
+    ("index", dict(reduction="none", softcap=3.0, token_weight=True, inplace_backward=True, return_stats=True)),
     ("prob", dict(reduction="none", weight=True, inplace_backward=True, softcap=3.0)),
 ]
 
@@ -48,8 +50,10 @@ LINEAR_CASES = [
     dict(reduction="none", batch=True, weight=True, z_loss_scale=0.02, return_stats=True),
     dict(reduction="sum", ignore=True, weight=True, return_stats=True, chunk_size=5),
     dict(reduction="none", frozen=True, bias=True, softcap=2.0, chunk_size=3),
+    dict(reduction="mean", ignore=True, weight=True, label_smoothing=0.1, token_weight=True, return_stats=True,
+         chunk_size=2),
 ]
-LINEAR_FLAGS = ("bias", "weight", "ignore", "batch", "frozen")
+LINEAR_FLAGS = ("bias", "weight", "ignore", "batch", "frozen", "token_weight")
 
 
 def free_port():
@@ -74,7 +78,7 @@ def make_case(kind, kw, dtype, total, seed):
 
 
 def options(kw):
-    return {k: v for k, v in kw.items() if k not in ("weight", "spatial", "inplace_backward")}
+    return {k: v for k, v in kw.items() if k not in ("weight", "spatial", "inplace_backward", "token_weight")}
 
 
 def check_case(kind, kw, dtype, sizes, rank, group, seed):
@@ -85,13 +89,15 @@ def check_case(kind, kw, dtype, sizes, rank, group, seed):
     logits, target, weight = make_case(kind, kw, dtype, total, seed)
     prob = kind == "prob"
     upstream = torch.rand(target.shape[0], *([3] if kw.get("spatial") else []), dtype=torch.float64)
+    tw = torch.randn(upstream.shape) if kw.get("token_weight") else None  # advantages, of either sign
 
     def run(x, t, w, **extra):
-        out = fused_softmax_ce.cross_entropy(x, t, weight=w, **options(kw), **extra)
+        out = fused_softmax_ce.cross_entropy(x, t, weight=w, token_weight=tw, **options(kw), **extra)
         loss = out.loss if kw.get("return_stats") else out
         total_loss = (loss * upstream.to(loss.dtype)).sum() if kw["reduction"] == "none" else loss
         if kw.get("return_stats") and not kw.get("inplace_backward"):
-            total_loss = total_loss + 0.3 * out.lse.sum()  # the lse is differentiable
+            # The lse and the entropy are differentiable.
+            total_loss = total_loss + 0.3 * out.lse.sum() - 0.2 * (out.entropy * upstream.to(loss.dtype)).sum()
         return out, total_loss
 
     # The reference: one process, the full logits.
@@ -120,7 +126,7 @@ def check_case(kind, kw, dtype, sizes, rank, group, seed):
                                    msg=lambda m: f"{kind} {kw} {dtype} {sizes} rank {rank}: {what}: {m}")
 
     if kw.get("return_stats"):
-        for field in ("loss", "z_loss", "lse", "accuracy"):
+        for field in ("loss", "z_loss", "lse", "accuracy", "entropy"):
             close(getattr(out, field), getattr(ref, field), field)
             assert getattr(out, field).dtype == getattr(ref, field).dtype, field
     else:
@@ -150,6 +156,8 @@ def check_linear_case(kw, dtype, sizes, rank, group, seed):
     cw = torch.rand(total, dtype=torch.float64).add(0.5).to(dtype) if kw.get("weight") else None
     upstream = torch.rand(rows if kw["reduction"] == "none" else (), dtype=torch.float64) + 0.5
     options = {k: v for k, v in kw.items() if k not in LINEAR_FLAGS}
+    if kw.get("token_weight"):
+        options["token_weight"] = torch.randn(rows)
 
     def run(x, w, b, cw, **extra):
         """The result and the gradients {name: grad} of the leaves."""
@@ -159,7 +167,10 @@ def check_linear_case(kw, dtype, sizes, rank, group, seed):
                                                     linear_bias=leaves.get("bias"), weight=cw, **options, **extra)
         loss = out.loss if kw.get("return_stats") else out
         leaves = {name: t for name, t in leaves.items() if t.requires_grad}
-        grads = torch.autograd.grad((loss * upstream.to(loss.dtype)).sum(), list(leaves.values()))
+        objective = (loss * upstream.to(loss.dtype)).sum()
+        if kw.get("return_stats"):  # the entropy is differentiable (its backward recomputes the chunks)
+            objective = objective - 0.2 * out.entropy.sum()
+        grads = torch.autograd.grad(objective, list(leaves.values()))
         return out, dict(zip(leaves, grads))
 
     def f64(t):
@@ -175,7 +186,7 @@ def check_linear_case(kw, dtype, sizes, rank, group, seed):
                                    msg=lambda m: f"linear {kw} {dtype} {sizes} rank {rank}: {what}: {m}")
 
     stats = kw.get("return_stats")
-    for field in ("z_loss", "lse", "accuracy") if stats else ():
+    for field in ("z_loss", "lse", "accuracy", "entropy") if stats else ():
         close(getattr(out, field), getattr(ref, field), field)
     loss, ref_loss = (out.loss, ref.loss) if stats else (out, ref)
     close(loss, ref_loss, "loss")

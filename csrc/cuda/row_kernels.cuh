@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(256) spatial_rows_kernel(const CEParams p) {
         for (int64_t i = 0; i < C; ++i) g[k + i * S] = fill;
       } else if (row.has_y()) {
         acc_t slope;
-        const acc_t d = softmax_grad(tr, z_y[k], hi[k], lo[k], c[k].gA, slope) - c[k].gy;
+        const acc_t d = softmax_grad<false>(tr, z_y[k], hi[k], lo[k], c[k], slope) - c[k].gy;
         g[k + row.tgt.y * S] = from_acc<T>(TR == kIdentity ? d : d * slope);
       }
     }

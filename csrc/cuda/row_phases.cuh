@@ -265,7 +265,8 @@ __device__ __forceinline__ void inplace_saved(const CEParams& p, int64_t r, cons
   hi = part.m;
   lo = static_cast<acc_t>(log(part.s));
   scale = *static_cast<const acc_t*>(p.grad_scale);
-  if (p.row_weight) scale *= static_cast<const acc_t*>(p.row_weight)[r];
+  // A group's lanes past the last row run too (their writes are masked): no read for them.
+  if (p.row_weight && r < p.rows) scale *= static_cast<const acc_t*>(p.row_weight)[r];
   lse_grad = p.lse_grad_scale ? *static_cast<const acc_t*>(p.lse_grad_scale) * (hi + lo) : acc_t(0);
 }
 

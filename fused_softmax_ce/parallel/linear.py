@@ -28,8 +28,9 @@ call per (group, shard size).
 """
 import torch
 
-from .._chunks import Grads, cast, chunks, compute_dtype
+from .._chunks import cast, chunks, compute_dtype, recomputed_grads
 from .._finish import RowStats
+from .._linear_entropy import LinearEntropy
 from .._ops import acc_dtype, ops
 from .shards import (combine_shards, group_of, reducer, refuse_create_graph, shard_grad_lse, shard_of, stat_columns,
                      target_values)
@@ -93,15 +94,8 @@ class VocabParallelLinearFn(torch.autograd.Function):
         g = (go * grad_scale).expand(lse.shape)
         g = (g if token_weight is None else g * token_weight).contiguous()
         h = shard_grad_lse(g, A_rest, lse, None if lse_grad_scale is None else go.double() * lse_grad_scale, acc)
-        (w, b), cw = cast(cdt, linear_weight, linear_bias), weight  # the kernels read cw in float32
-        grads = Grads(input, linear_weight, linear_bias, cdt, chunk_size, grad_acc_dtype, *needs)
-        with torch.autocast(input.device.type, enabled=False):
-            for start, stop, x, logits in chunks(input, w, b, cdt, chunk_size):
-                rows = slice(start, stop)
-                grad = ops.ce_backward(g[rows], h[rows], logits, target[rows], cw, lse[rows],
-                                       *ctx.options.op_args(), None, None, *ctx.shard)
-                grads.add(grad, x, w, start, stop)
-        return tuple(grad if need else None for grad, need in zip(grads.result(), needs)) + none
+        return recomputed_grads(input, linear_weight, linear_bias, target, weight, lse, ctx.options, ctx.shard,
+                                chunk_size, grad_acc_dtype, needs, g, h) + none
 
 
 def vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, options,
@@ -113,5 +107,10 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bia
     group = group_of(process_group)
     shard, agreed = shard_of(group, linear_weight.shape[0], input.shape[0], input.device)
     reduce = reducer(reduction, weight, valid, count, options, count.dtype)
-    return VocabParallelLinearFn.apply(input, linear_weight, linear_bias, target, weight, options, bool(stats),
-                                       int(chunk_size), grad_acc_dtype, group, shard, agreed, reduce, token_weight)
+    loss, z_loss, lse, entropy, *row_stats = VocabParallelLinearFn.apply(
+        input, linear_weight, linear_bias, target, weight, options, bool(stats), int(chunk_size), grad_acc_dtype,
+        group, shard, agreed, reduce, token_weight)
+    if stats:
+        entropy = LinearEntropy.apply(entropy, input, linear_weight, linear_bias, target, weight, lse, options, shard,
+                                      int(chunk_size), grad_acc_dtype)
+    return loss, z_loss, lse, entropy, *row_stats

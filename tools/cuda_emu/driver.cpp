@@ -77,7 +77,7 @@ Case read_case(Reader& r) {
   // CEParams' pointers in the order tests/emulated.py writes them.
   // Each pointer: a buffer's index (or -1: null) and a byte offset into it.
   std::vector<std::pair<int32_t, int64_t>> at;
-  for (int k = 0; k < 14; ++k) {
+  for (int k = 0; k < 17; ++k) {
     const int32_t index = r.get<int32_t>();
     at.emplace_back(index, r.get<int64_t>());
   }
@@ -106,6 +106,9 @@ Case read_case(Reader& r) {
   p.grad_lse = ptr(11);
   p.grad_scale = ptr(12);
   p.lse_grad_scale = ptr(13);
+  p.entropy = ptr(14);
+  p.grad_entropy = ptr(15);
+  p.row_weight = ptr(16);
   return c;
 }
 
