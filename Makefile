@@ -72,7 +72,7 @@ EMU_FLAGS_tsan := -O1 -fsanitize=thread
 EMU_TOOL := $(wildcard tools/cuda_emu/*.h tools/cuda_emu/include/*.h tools/cuda_emu/include/c10/cuda/*.h)
 EMU_KERNEL_SOURCES := $(wildcard $(EMU_CSRC)/cuda/*.cu $(EMU_CSRC)/cuda/*.cuh $(EMU_CSRC)/cuda/*.h $(EMU_CSRC)/*.h)
 
-emu: $(foreach v,$(EMU_VARIANTS),$(EMU_OUT)/$(v)/driver)
+emu: $(foreach v,$(EMU_VARIANTS),$(EMU_OUT)/$(v)/driver $(EMU_OUT)/$(v)/jsd_driver)
 
 # Kept between builds: a change to the driver alone does not recompile the kernels.
 .SECONDARY:
@@ -86,6 +86,18 @@ $(EMU_OUT)/%/driver.o: tools/cuda_emu/driver.cpp csrc/cuda/kernels.h csrc/params
 	$(EMU_CXX) $(EMU_COMMON) $(EMU_FLAGS_$*) -c $< -o $@
 
 $(EMU_OUT)/%/driver: $(EMU_OUT)/%/kernels.o $(EMU_OUT)/%/driver.o
+	$(EMU_CXX) $(EMU_FLAGS_$*) -pthread $^ -o $@
+
+# The generalized JSD's kernels (csrc/cuda/jsd.cu) and their driver, the same way.
+$(EMU_OUT)/%/jsd.o: $(EMU_KERNEL_SOURCES) $(EMU_TOOL)
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(EMU_COMMON) $(EMU_FLAGS_$*) -x c++ -c $(EMU_CSRC)/cuda/jsd.cu -o $@
+
+$(EMU_OUT)/%/jsd_driver.o: tools/cuda_emu/jsd_driver.cpp csrc/cuda/jsd_kernels.h csrc/jsd_params.h $(EMU_TOOL)
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(EMU_COMMON) $(EMU_FLAGS_$*) -c $< -o $@
+
+$(EMU_OUT)/%/jsd_driver: $(EMU_OUT)/%/jsd.o $(EMU_OUT)/%/jsd_driver.o
 	$(EMU_CXX) $(EMU_FLAGS_$*) -pthread $^ -o $@
 
 # Injects typical GPU bugs into copies of kernels.cu and checks that the

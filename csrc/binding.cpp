@@ -7,7 +7,6 @@
 #include <cmath>
 
 namespace fsce {
-namespace {
 
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -24,6 +23,8 @@ DType dtype_of(const at::Tensor& t) {
 at::ScalarType acc_type(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+namespace {
 
 // True when each n's [C, S] block is contiguous, the layout kernels walk.
 bool blocks_contiguous(const at::Tensor& t) {

@@ -13,6 +13,11 @@
 
 namespace fsce {
 
+// The logits' DType (raises for other dtypes) and accumulation type (float,
+// or double for float64); shared with the generalized JSD's binding.
+DType dtype_of(const at::Tensor& t);
+at::ScalarType acc_type(const at::Tensor& logits);
+
 struct Kernels {
   void (*forward)(const CEParams&, bool write_grad);
   void (*backward)(const CEParams&);

@@ -6,6 +6,7 @@ A case is built from CPU tensors: each tensor travels as the span of its
 storage up to its last element (so that ASan sees a read past it), with its
 storage offset as a byte offset; outputs start poisoned with nan bytes.
 """
+import concurrent.futures
 import dataclasses
 import os
 import pathlib
@@ -40,12 +41,15 @@ DEVICES = ((132, 228 * 1024, 227 * 1024), (4, 228 * 1024, 227 * 1024), (1, 228 *
            (1, 164 * 1024, 163 * 1024))
 
 
-def build(csrc=None, out=None, variants=VARIANTS):
-    """Builds the drivers with make (a no-op when they are up to date)."""
-    args = ["make", "-s", "-C", str(ROOT), "emu", "EMU_VARIANTS=" + " ".join(variants)]
+def build(csrc=None, out=None, variants=VARIANTS, driver=None):
+    """Builds the drivers with make (a no-op when they are up to date): all
+    of them, or that one (e.g. jsd_driver) in each variant."""
+    out = out or EMU_OUT
+    targets = ["emu"] if driver is None else [f"{out}/{v}/{driver}" for v in variants]
+    args = ["make", "-s", "-C", str(ROOT), *targets, "EMU_VARIANTS=" + " ".join(variants)]
     if csrc:
         args.append(f"EMU_CSRC={csrc}")
-    args.append(f"EMU_OUT={out or EMU_OUT}")
+    args.append(f"EMU_OUT={out}")
     subprocess.run(args, check=True)
 
 
@@ -132,10 +136,11 @@ class Batch:
     log: str
 
 
-def run(cases, variant, out=None, timeout=900):
-    """Runs the cases in one driver process of that build; a driver that
-    outlives `timeout` seconds (a hang) is killed and reported."""
-    driver = pathlib.Path(out or EMU_OUT) / variant / "driver"
+def run(cases, variant, out=None, timeout=900, driver="driver"):
+    """Runs the cases in one process of that build's `driver` (jsd_driver:
+    the generalized JSD's); a driver that outlives `timeout` seconds (a hang)
+    is killed and reported."""
+    driver = pathlib.Path(out or EMU_OUT) / variant / driver
     with tempfile.TemporaryDirectory() as tmp:
         cases_path, out_path = pathlib.Path(tmp, "cases"), pathlib.Path(tmp, "out")
         header = b"FSCEEMU1" + struct.pack("<I", len(DEVICES))
@@ -160,6 +165,12 @@ def run(cases, variant, out=None, timeout=900):
         elif words[:1] == ["queries"]:
             queries = {words[1]: int(words[2]), words[3]: int(words[4])}
     return Batch(results, launches, queries, returncode, log)
+
+
+def run_variants(cases, driver="driver"):
+    """The cases through every build (VARIANTS), the drivers side by side: {variant: Batch}."""
+    with concurrent.futures.ThreadPoolExecutor(len(VARIANTS)) as pool:
+        return dict(zip(VARIANTS, pool.map(lambda v: run(cases, v, driver=driver), VARIANTS)))
 
 
 def _decode(data, cases):

@@ -1,6 +1,6 @@
 """Static report on the compiled CUDA kernels for sm_90 (no GPU needed).
 
-Compiles csrc/cuda/kernels.cu for sm_90 with the flags setup.py's
+Compiles csrc/cuda/kernels.cu and csrc/cuda/jsd.cu (SOURCES) for sm_90 with the flags setup.py's
 CUDAExtension uses, plus `-Xptxas -v -cubin`, and reports per kernel:
 
 - registers, spill stores/loads (bytes) and static shared memory, from the
@@ -77,7 +77,9 @@ import sysconfig
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "build" / "sass"
-SOURCE = "csrc/cuda/kernels.cu"  # the translation unit; its layers are headers beside it
+SOURCE = "csrc/cuda/kernels.cu"  # the cross-entropy's translation unit; its layers are headers beside it
+# Every translation unit reported: the cross-entropy's and the generalized JSD's.
+SOURCES = (SOURCE, "csrc/cuda/jsd.cu")
 KERNEL_HEADER = "csrc/cuda/row_kernels.cuh"  # the kernel families and their constants
 ARCH = "90"
 
@@ -120,6 +122,10 @@ KERNELS = {
     "split_finish_kernel": (lambda a: 256, lambda a: None, lambda a: a[1] == IDENTITY and a[2] == NO_STATS),
     # scale_kernel<T>: scale_grad_ of the in-place mode
     "scale_kernel": (lambda a: 256, lambda a: "backward", lambda a: True),
+    # jsd.cu's jsd_forward_kernel<T, FORM> and jsd_backward_kernel<T, FORM>:
+    # kJsdThreads; outside the cross-entropy's budgets (not "plain").
+    "jsd_forward_kernel": (lambda a: 256, lambda a: "forward", lambda a: False),
+    "jsd_backward_kernel": (lambda a: 256, lambda a: "backward", lambda a: False),
 }
 
 # The most dynamic shared memory a kernel is launched with (its arguments a
@@ -443,8 +449,8 @@ def find_tool(name):
                      f"`pip install nvidia-cuda-cuobjdump` provides one")
 
 
-def nvcc_command(cubin):
-    """The nvcc line of setup.py's CUDAExtension for kernels.cu, for sm_90 only, to a cubin."""
+def nvcc_command(cubin, source=SOURCE):
+    """The nvcc line of setup.py's CUDAExtension for `source`, for sm_90 only, to a cubin."""
     os.environ.update(FSCE_CUDA="1", TORCH_CUDA_ARCH_LIST="9.0")
     os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
     import setuptools
@@ -464,7 +470,7 @@ def nvcc_command(cubin):
     nvcc_flags = ext.extra_compile_args["nvcc"]
     # What BuildExtension adds to every extension, as in a real build.
     defines = ["-DTORCH_API_INCLUDE_EXTENSION_H", f"-DTORCH_EXTENSION_NAME={ext.name.split('.')[-1]}"]
-    return ([_join_cuda_home("bin", "nvcc"), str(ROOT / SOURCE), "-cubin", "-o", str(cubin)]
+    return ([_join_cuda_home("bin", "nvcc"), str(ROOT / source), "-cubin", "-o", str(cubin)]
             + [f"-I{p}" for p in ext.include_dirs]
             + [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in ext.define_macros]
             + COMMON_NVCC_FLAGS + nvcc_flags + defines + _get_cuda_arch_flags(nvcc_flags)
@@ -478,18 +484,30 @@ def toolkit_version(nvcc):
 
 
 def compile_cached(force=False):
-    """Compiles kernels.cu unless its sources and command are unchanged; -> (ptxas log, cubin path, cmd)."""
+    """Compiles each of SOURCES unless its sources and command are unchanged;
+    -> (the ptxas logs, the cubin paths, the first command)."""
+    logs, cubins, cmds = [], [], []
+    for source in SOURCES:
+        log, cubin, cmd = _compile_one(source, force)
+        logs.append(log)
+        cubins.append(cubin)
+        cmds.append(cmd)
+    return "\n".join(logs), cubins, cmds[0]
+
+
+def _compile_one(source, force):
     CACHE.mkdir(parents=True, exist_ok=True)
-    cubin = CACHE / f"kernels.sm_{ARCH}.cubin"
-    cmd = nvcc_command(cubin)
+    stem = pathlib.Path(source).stem
+    cubin = CACHE / f"{stem}.sm_{ARCH}.cubin"
+    cmd = nvcc_command(cubin, source)
     digest = hashlib.sha256(" ".join(cmd).encode())
     for path in sorted(glob.glob(str(ROOT / "csrc" / "**" / "*"), recursive=True)):
         if path.endswith((".cu", ".cuh", ".h")):
             digest.update(path.encode() + pathlib.Path(path).read_bytes())
-    log, stamp = CACHE / "ptxas.log", CACHE / "inputs.sha256"
+    log, stamp = CACHE / f"{stem}.ptxas.log", CACHE / f"{stem}.inputs.sha256"
     if not force and cubin.exists() and log.exists() and stamp.exists() and stamp.read_text() == digest.hexdigest():
         return log.read_text(), cubin, cmd
-    print(f"sass_report: compiling {SOURCE} for sm_{ARCH} (3 to 6 minutes on 2 cores)...", file=sys.stderr, flush=True)
+    print(f"sass_report: compiling {source} for sm_{ARCH} (minutes on 2 cores)...", file=sys.stderr, flush=True)
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if run.returncode != 0:
         sys.stderr.write(run.stdout + run.stderr)
@@ -627,10 +645,14 @@ def main():
                         help="CSV path (default: bench/results/sass-sm_90-cuda<version>-<date>.csv)")
     args = parser.parse_args()
 
-    ptxas_log, cubin, cmd = compile_cached(args.force)
+    ptxas_log, cubins, cmd = compile_cached(args.force)
     cuobjdump = find_tool("cuobjdump")
-    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    elf = subprocess.run([cuobjdump, "-elf", str(cubin)], capture_output=True, text=True, check=True).stdout
+
+    def dump(flag):
+        return "\n".join(subprocess.run([cuobjdump, flag, str(c)], capture_output=True, text=True, check=True).stdout
+                         for c in cubins)
+
+    sass, elf = dump("-sass"), dump("-elf")
     kernels = analyse(ptxas_log, sass, elf)
 
     toolkit, date = toolkit_version(cmd[0]), datetime.date.today().isoformat()
