@@ -31,8 +31,11 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) rows_kernel(cons
   process_row<T, PHASE, TR, STATS>(p, r, r < p.rows, walk);
 }
 
+// At least 2 blocks per SM (128 registers): left to itself ptxas held the
+// fp16 softcap in-place statistics variant to 80 registers and spilled in
+// its gradient loop once the entropy's sum joined the partial state.
 template <typename T, int PHASE, int TR, bool STATS>
-__global__ void __launch_bounds__(256) spatial_kernel(const CEParams p) {
+__global__ void __launch_bounds__(256, 2) spatial_kernel(const CEParams p) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= p.rows) return;
   process_row<T, PHASE, TR, STATS>(p, r, true, StridedWalker<T>{p.classes, p.inner});
