@@ -19,7 +19,7 @@ endif
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 STAMP := build/.installed
 
-.PHONY: test bench bench-full bench-linear bench-vocab-parallel sass setup clean emu mutate
+.PHONY: test bench bench-full bench-cpu bench-linear bench-vocab-parallel sass setup clean emu mutate
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(PY) bench/bench.py --full
+
+# Issue 20's CPU goals, each measured (tens of minutes on 2 cores; BENCH_ARGS=--quick: a smoke run)
+bench-cpu: $(STAMP)
+	$(PY) bench/bench_cpu.py $(BENCH_ARGS)
 
 # linear_cross_entropy against F.linear_cross_entropy (heavy on a small CPU: tens of minutes)
 bench-linear: $(STAMP)
