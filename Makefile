@@ -73,21 +73,27 @@ EMU_COMMON := -std=c++17 -g -fno-strict-aliasing -pthread -Wall -Wno-unknown-pra
 EMU_FLAGS_plain := -O2
 EMU_FLAGS_asan := -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 EMU_FLAGS_tsan := -O1 -fsanitize=thread
-EMU_TOOL := $(wildcard tools/cuda_emu/*.h tools/cuda_emu/include/*.h tools/cuda_emu/include/c10/cuda/*.h)
-EMU_KERNEL_SOURCES := $(wildcard $(EMU_CSRC)/cuda/*.cu $(EMU_CSRC)/cuda/*.cuh $(EMU_CSRC)/cuda/*.h $(EMU_CSRC)/*.h)
 
 emu: $(foreach v,$(EMU_VARIANTS),$(EMU_OUT)/$(v)/driver)
 
+EMU_OBJECTS := $(foreach v,$(EMU_VARIANTS),$(EMU_OUT)/$(v)/kernels.o $(EMU_OUT)/$(v)/driver.o)
 # Kept between builds: a change to the driver alone does not recompile the kernels.
-.SECONDARY:
+.SECONDARY: $(EMU_OBJECTS)
 
-$(EMU_OUT)/%/kernels.o: $(EMU_KERNEL_SOURCES) $(EMU_TOOL)
-	@mkdir -p $(@D)
-	$(EMU_CXX) $(EMU_COMMON) $(EMU_FLAGS_$*) -x c++ -c $(EMU_CSRC)/cuda/kernels.cu -o $@
+# Each object is rebuilt when a file it includes changes, as the compiler
+# lists them (-MMD: kernels.d, driver.d; a missing list rebuilds it), not on
+# every change under csrc/.
+EMU_DEPS := -MMD -MP
+-include $(wildcard $(EMU_OUT)/*/*.d)
+$(EMU_OBJECTS:.o=.d): ;
 
-$(EMU_OUT)/%/driver.o: tools/cuda_emu/driver.cpp csrc/cuda/kernels.h csrc/params.h $(EMU_TOOL)
+$(EMU_OUT)/%/kernels.o: $(EMU_CSRC)/cuda/kernels.cu $(EMU_OUT)/%/kernels.d
 	@mkdir -p $(@D)
-	$(EMU_CXX) $(EMU_COMMON) $(EMU_FLAGS_$*) -c $< -o $@
+	$(EMU_CXX) $(EMU_COMMON) $(EMU_DEPS) $(EMU_FLAGS_$*) -x c++ -c $< -o $@
+
+$(EMU_OUT)/%/driver.o: tools/cuda_emu/driver.cpp $(EMU_OUT)/%/driver.d
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(EMU_COMMON) $(EMU_DEPS) $(EMU_FLAGS_$*) -c $< -o $@
 
 $(EMU_OUT)/%/driver: $(EMU_OUT)/%/kernels.o $(EMU_OUT)/%/driver.o
 	$(EMU_CXX) $(EMU_FLAGS_$*) -pthread $^ -o $@

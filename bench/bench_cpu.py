@@ -165,6 +165,9 @@ def main():
     args = parser.parse_args()
     reps = max(2, args.reps or (3 if args.quick else 15))
     sections = args.sections.split(",")
+    unknown = set(sections) - {item[0] for item in plan(True)}
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from ce, spatial, fp16, fp64, linear")
     name, date = device_name("cpu"), datetime.date.today().isoformat()
     slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")[:40]
     out = pathlib.Path(args.out) if args.out else RESULTS / f"cpu-{slug}-{date}-issue20{'-quick' if args.quick else ''}.csv"
