@@ -1,5 +1,6 @@
 """The huge-page hint on the backward's fresh gradient (csrc/cpu/huge_pages.h):
-given only where a hinted page fault cannot compact memory synchronously, and
+given only where a hinted page fault cannot compact memory synchronously
+(defrag defer/never, or free huge-page blocks for twice the buffer), and
 forced on or off by FSCE_HUGE_PAGES. Read from /proc/self/smaps: under THP
 `enabled=madvise` a mapping is THP-eligible exactly when it was hinted."""
 import os
@@ -46,7 +47,22 @@ def eligible(setting):
     return out.stdout.split() == ["1"]
 
 
+def free_2mib_blocks():
+    total = 0
+    for line in Path("/proc/buddyinfo").read_text().splitlines():
+        counts = [int(c) for c in line.split("zone")[1].split()[1:]]
+        total += sum(c << (k - 9) for k, c in enumerate(counts) if k >= 9)
+    return total
+
+
 @pytest.mark.skipif(thp("enabled") != "madvise", reason="THP `enabled` is not `madvise`: eligibility does not show the hint")
 def test_hint_only_where_it_cannot_stall():
     assert eligible("1") and not eligible("0")
-    assert eligible(None) == (thp("defrag") in ("defer", "never"))
+    if thp("defrag") in ("defer", "never"):
+        assert eligible(None)
+        return
+    # A hinted fault may compact here: hinted while free 2 MiB blocks cover twice the 64 MiB gradient.
+    free = free_2mib_blocks()
+    if 32 <= free < 128:
+        pytest.skip(f"{free} free 2 MiB blocks: too near the threshold (64) to tell")
+    assert eligible(None) == (free >= 128)
