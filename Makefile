@@ -19,7 +19,7 @@ endif
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 STAMP := build/.installed
 
-.PHONY: test bench bench-full bench-linear bench-vocab-parallel sass setup clean emu mutate
+.PHONY: test bench bench-full bench-cpu bench-linear bench-vocab-parallel sass setup clean emu mutate
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ bench: $(STAMP)
 bench-full: $(STAMP)
 	$(PY) bench/bench.py --full
 
+# Issue 20's CPU goals, each measured (tens of minutes on 2 cores; BENCH_ARGS=--quick: a smoke run)
+bench-cpu: $(STAMP)
+	$(PY) bench/bench_cpu.py $(BENCH_ARGS)
+
 # linear_cross_entropy against F.linear_cross_entropy (heavy on a small CPU: tens of minutes)
 bench-linear: $(STAMP)
 	$(PY) bench/bench_linear.py
@@ -69,21 +73,27 @@ EMU_COMMON := -std=c++17 -g -fno-strict-aliasing -pthread -Wall -Wno-unknown-pra
 EMU_FLAGS_plain := -O2
 EMU_FLAGS_asan := -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 EMU_FLAGS_tsan := -O1 -fsanitize=thread
-EMU_TOOL := $(wildcard tools/cuda_emu/*.h tools/cuda_emu/include/*.h tools/cuda_emu/include/c10/cuda/*.h)
-EMU_KERNEL_SOURCES := $(wildcard $(EMU_CSRC)/cuda/*.cu $(EMU_CSRC)/cuda/*.cuh $(EMU_CSRC)/cuda/*.h $(EMU_CSRC)/*.h)
 
 emu: $(foreach v,$(EMU_VARIANTS),$(EMU_OUT)/$(v)/driver $(EMU_OUT)/$(v)/jsd_driver)
 
+EMU_OBJECTS := $(foreach v,$(EMU_VARIANTS),$(EMU_OUT)/$(v)/kernels.o $(EMU_OUT)/$(v)/driver.o)
 # Kept between builds: a change to the driver alone does not recompile the kernels.
-.SECONDARY:
+.SECONDARY: $(EMU_OBJECTS)
 
-$(EMU_OUT)/%/kernels.o: $(EMU_KERNEL_SOURCES) $(EMU_TOOL)
-	@mkdir -p $(@D)
-	$(EMU_CXX) $(EMU_COMMON) $(EMU_FLAGS_$*) -x c++ -c $(EMU_CSRC)/cuda/kernels.cu -o $@
+# Each object is rebuilt when a file it includes changes, as the compiler
+# lists them (-MMD: kernels.d, driver.d; a missing list rebuilds it), not on
+# every change under csrc/.
+EMU_DEPS := -MMD -MP
+-include $(wildcard $(EMU_OUT)/*/*.d)
+$(EMU_OBJECTS:.o=.d): ;
 
-$(EMU_OUT)/%/driver.o: tools/cuda_emu/driver.cpp csrc/cuda/kernels.h csrc/params.h $(EMU_TOOL)
+$(EMU_OUT)/%/kernels.o: $(EMU_CSRC)/cuda/kernels.cu $(EMU_OUT)/%/kernels.d
 	@mkdir -p $(@D)
-	$(EMU_CXX) $(EMU_COMMON) $(EMU_FLAGS_$*) -c $< -o $@
+	$(EMU_CXX) $(EMU_COMMON) $(EMU_DEPS) $(EMU_FLAGS_$*) -x c++ -c $< -o $@
+
+$(EMU_OUT)/%/driver.o: tools/cuda_emu/driver.cpp $(EMU_OUT)/%/driver.d
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(EMU_COMMON) $(EMU_DEPS) $(EMU_FLAGS_$*) -c $< -o $@
 
 $(EMU_OUT)/%/driver: $(EMU_OUT)/%/kernels.o $(EMU_OUT)/%/driver.o
 	$(EMU_CXX) $(EMU_FLAGS_$*) -pthread $^ -o $@

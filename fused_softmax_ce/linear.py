@@ -124,7 +124,7 @@ def linear_cross_entropy(
     indices; ``linear_weight`` is (V, H) and ``linear_bias`` (V).
 
     ``chunk_size``: rows of ``input`` per chunk; the default gives a chunk's
-    logits about the input's size (see `default_chunk_size`). ``grad_acc_dtype``: the dtype in
+    logits 2 to 64 MiB, and at least 64 rows (see `default_chunk_size`). ``grad_acc_dtype``: the dtype in
     which the gradients of ``linear_weight`` and ``linear_bias`` are summed
     over chunks; default float32 for float16/bfloat16 weights (the result is
     rounded once, at the end), else the weight's dtype. Pass the weight's
@@ -174,7 +174,8 @@ def linear_cross_entropy(
     t = target.reshape(-1).long()
     n, v = x.shape[0], linear_weight.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk_size(n, x.shape[1], v)
+        chunk_size = default_chunk_size(n, x.shape[1], v, compute_dtype(x.dtype, x.device).itemsize,
+                                        x.device.type)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
 

@@ -347,3 +347,30 @@ def test_statistics_are_not_differentiable(reduction):
     stats = fce.linear_cross_entropy(x, w, y, reduction=reduction, z_loss_scale=1e-2, return_stats=True)
     with pytest.raises(RuntimeError, match="not differentiable"):
         (stats.loss.sum() + stats.lse.sum()).backward()
+
+
+def test_default_chunk_is_sized_by_bytes_with_a_floor():
+    from fused_softmax_ce._chunks import CACHE_BYTES, MIN_CHUNK_ROWS, default_chunk_size
+
+    # Tiny H, V / H >= N: the aspect-ratio rule gave one row per chunk (issue 20); now a cache-sized block.
+    assert default_chunk_size(512, 4, 4096, 4) * 4096 * 4 == CACHE_BYTES
+    assert default_chunk_size(512, 4, 4096, 4, "cuda") == 512
+    # Rows = 8 H where that block is under CHUNK_BYTES, else CHUNK_BYTES; spread evenly over the chunks.
+    for n, h, v, elem, rows in [(1 << 16, 1024, 32000, 4, 521),  # 64 MiB: 524 rows, 126 chunks
+                                (10_000, 4096, 128256, 2, 257),  # 64 MiB: 261 rows, 39 chunks
+                                (4099, 32, 50257, 4, 242),  # 8 H = 256 rows, 17 chunks
+                                (1 << 16, 16, 50257, 4, 128)]:  # 8 H = 128 rows
+        assert default_chunk_size(n, h, v, elem) == rows
+    # Huge V: never under the floor of rows; never over N.
+    assert default_chunk_size(4096, 8, 10**7, 4) == MIN_CHUNK_ROWS
+    assert default_chunk_size(0, 8, 10, 4) == 1 and default_chunk_size(5, 8, 10, 4) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_narrow_and_wide_products_on_either_side_of_narrow_h(dtype):
+    # H <= NARROW_H runs the gradient GEMMs transposed on the CPU (see Grads): both forms against float64.
+    from fused_softmax_ce._chunks import NARROW_H
+
+    for h in (NARROW_H, NARROW_H + 1):
+        x, w, b, y, kw = make_case(21, h, 45, dtype, "cpu", True, 0.1, True, True)
+        check_against_float64(x, w, b, y, dtype, reduction="sum", chunk_size=8, **kw)
