@@ -3,8 +3,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
+#include "cpu/kernels.h"
 #include "launch_plan.h"
 #include "row_options.h"
 
@@ -53,6 +55,8 @@ TORCH_LIBRARY(fused_softmax_ce, m) {
         ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // grad *= grad_output, per row; free when grad_output is the scalar 1.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+  // Which CPU kernels run (fused_softmax_ce.cpu_isa()).
+  m.def("cpu_isa() -> str", [] { return std::string(fsce::cpu::isa_name()); });
   m.def("_launch_plan(int rows, int classes, int inner, bool prob_target, int sm_count) -> int[]",
         &launch_plan);
 }

@@ -18,6 +18,13 @@ from .options import LossOptions, Shard
 ops = torch.ops.fused_softmax_ce
 
 
+def cpu_isa():
+    """The CPU kernels that launches run now: "avx512-bf16", "avx512", "avx2"
+    or "baseline". The widest this CPU runs, unless the environment variable
+    FSCE_CPU_ISA names another it runs (read at every launch)."""
+    return ops.cpu_isa()
+
+
 def _rows(logits):
     return logits.shape[0] * (logits.shape[2] if logits.dim() == 3 else 1)
 

@@ -21,4 +21,8 @@ void scale_rows(const CEParams& p);
 // ignore_index, or -1.
 int64_t first_invalid_target(const CEParams& p);
 
+// The name of the kernels a launch runs now (see isa.h): "avx512-bf16",
+// "avx512", "avx2" or "baseline".
+const char* isa_name();
+
 }  // namespace fsce::cpu

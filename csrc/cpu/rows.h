@@ -1,5 +1,6 @@
-// A CPU row and what a launch's rows share (Stats, Probs, Row, Recipe), and
-// the strided scalar path that spatial rows and float64 take.
+// A CPU row and what a launch's rows share (Stats, Probs, Row, Recipe), a
+// row's outputs, and the strided scalar path that float64 takes. Included
+// after the ISA's vec_*.h.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -8,7 +9,7 @@
 
 #include "../params.h"
 #include "../row_math.h"
-#include "simd.h"  // FSCE_VINLINE
+#include "simd.h"  // FSCE_VINLINE, vfloat
 
 namespace fsce::cpu {
 // Included by kernels.cpp alone (one translation unit): internal linkage.
@@ -87,6 +88,71 @@ FSCE_VINLINE Recipe<acc_t, TR> recipe_of(const CEParams& p, const float* tanh_ta
   return {static_cast<const acc_t*>(p.weight), static_cast<acc_t>(p.label_smoothing),
           acc_t(1) / static_cast<acc_t>(p.total_classes), logit_transform<TR, acc_t>(p),
           p.pred != nullptr, TR == kSoftcap && p.softcap <= kMaxBoundedCap, tanh_table};
+}
+
+// ------------------------------------------------------------- row outputs
+
+// What a forward writes per row (see CEParams), and the in-place gradient's
+// scales (0 without one).
+template <typename acc_t>
+struct ForwardOut {
+  acc_t* loss;
+  double* lse;
+  acc_t* entropy;
+  const acc_t* row_weight;
+  acc_t scale, lse_scale;
+};
+
+template <typename acc_t>
+FSCE_VINLINE ForwardOut<acc_t> forward_out(const CEParams& p, bool write_grad) {
+  const auto scalar = [&](const void* v) { return write_grad && v ? *static_cast<const acc_t*>(v) : acc_t(0); };
+  return {static_cast<acc_t*>(p.loss), static_cast<double*>(p.lse), static_cast<acc_t*>(p.entropy),
+          static_cast<const acc_t*>(p.row_weight), scalar(p.grad_scale), scalar(p.lse_grad_scale)};
+}
+
+// An ignored row's outputs (0), or an invalid one's (nan: an invalid index
+// poisons its row rather than reading out of bounds). Returns the fill.
+template <typename acc_t>
+FSCE_VINLINE acc_t skip_row(const ForwardOut<acc_t>& out, const CEParams& p, int64_t r, const RowTarget<acc_t>& tgt) {
+  const acc_t fill = tgt.ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+  out.loss[r] = fill;
+  out.lse[r] = fill;
+  if (p.pred) p.pred[r] = -1;
+  if (p.target_pred) p.target_pred[r] = -1;
+  if (out.entropy) out.entropy[r] = fill;
+  return fill;
+}
+
+// Writes row r's outputs from its statistics; returns the coefficients of its
+// in-place gradient. v_y: the target's value.
+template <typename acc_t>
+FSCE_VINLINE GradCoefs<acc_t> finish_row(const ForwardOut<acc_t>& out, const CEParams& p, int64_t r,
+                                         const RowTarget<acc_t>& tgt, int mode, const Stats<acc_t>& st,
+                                         acc_t pivot, acc_t v_y) {
+  const acc_t sum_a = row_sum_a<acc_t>(p, mode, st.sum_a);
+  out.loss[r] = row_loss(tgt, st.m, st.log_s, v_y, pivot, sum_a, st.sum_az);
+  const double lse = static_cast<double>(st.m) + static_cast<double>(st.log_s);
+  out.lse[r] = lse;
+  if (p.pred) p.pred[r] = st.pred < 0 ? -1 : st.pred + p.class_offset;
+  if (p.target_pred) p.target_pred[r] = st.target_pred < 0 ? -1 : st.target_pred + p.class_offset;
+  if (out.entropy) out.entropy[r] = st.entropy;
+  const acc_t row_scale = out.row_weight ? out.scale * out.row_weight[r] : out.scale;
+  return grad_coefs(tgt, sum_a, row_scale, out.lse_scale * static_cast<acc_t>(lse));
+}
+
+// Row r's backward coefficients; row_sum: its own sum over a_j (probability
+// targets only).
+template <typename acc_t>
+FSCE_VINLINE GradCoefs<acc_t> backward_coefs(const CEParams& p, int64_t r, const RowTarget<acc_t>& tgt, int mode,
+                                             acc_t row_sum) {
+  const auto* grad_lse = static_cast<const acc_t*>(p.grad_lse);
+  const acc_t g = static_cast<const acc_t*>(p.grad_output)[r * p.grad_output_stride];
+  GradCoefs<acc_t> c = grad_coefs(tgt, row_sum_a<acc_t>(p, mode, row_sum), g, grad_lse ? grad_lse[r] : acc_t(0));
+  if (p.grad_entropy) {
+    c.gH = static_cast<const acc_t*>(p.grad_entropy)[r];
+    c.H = static_cast<const acc_t*>(p.entropy)[r];
+  }
+  return c;
 }
 
 // ---------------------------------------------------------------- scalar path

@@ -1,4 +1,4 @@
-// The 8-lane SIMD path of contiguous float, bf16 and fp16 rows: the logit
+// The SIMD path of contiguous float, bf16 and fp16 rows, kLanes wide: the logit
 // transform on vectors (and the softcap's tanh table), the statistics pass
 // (one online pass, chunked) and the gradient pass.
 #pragma once
@@ -6,14 +6,13 @@
 #include <cstdint>
 #include <limits>
 
+#include "isa.h"  // kTanhTableSize
 #include "rows.h"
 #include "simd.h"
 
 namespace fsce::cpu {
 // Included by kernels.cpp alone (one translation unit): internal linkage.
 namespace {
-
-FSCE_VINLINE vint lane_ids() { return vint{0, 1, 2, 3, 4, 5, 6, 7}; }
 
 // The softcap's t = tanh(scale * z / cap); v = cap * t, dv/dz = scale * (1 - t^2).
 FSCE_VINLINE vfloat softcap_tanh(const LogitTransform<kSoftcap, float>& tr, vfloat z) {
@@ -46,8 +45,6 @@ FSCE_VINLINE vfloat vec_value_slope(const LogitTransform<TR, float>& tr, vfloat 
 // with many elements computes it once per bit pattern (65536 floats), with
 // the same vector code as the rows (so results do not depend on the table),
 // and the rows look it up: the tanh cost as much as the rest of a pass.
-constexpr int64_t kTanhTableSize = 65536;
-
 template <typename T>
 FSCE_VINLINE void fill_tanh_table(const CEParams& p, float* table) {
   const LogitTransform<kSoftcap, float> tr = logit_transform<kSoftcap, float>(p);
@@ -153,6 +150,9 @@ struct ChunkArgmax {
   vfloat m = splat(-std::numeric_limits<float>::infinity());
   vint base = vint{} - 1;
 
+  // Written out: the implicit one would not take the ISA's target pragma.
+  FSCE_VINLINE ChunkArgmax() {}
+
   FSCE_VINLINE void update(vfloat cm, int64_t j) {
     const vint gt = cm > m;
     m = gt ? cm : m;
@@ -161,7 +161,7 @@ struct ChunkArgmax {
 
   // The lowest class index holding the row's maximum; value_at(i) recomputes
   // element i as the pass saw it (an always_inline callable, so that it is
-  // compiled for the clone's ISA, FMA contraction included, as the pass was).
+  // inlined, FMA contraction included, as the pass was).
   template <typename ValueAt>
   FSCE_VINLINE int64_t first(int64_t C, int vectors, ValueAt value_at) const {
     const float top = hmax(m);
@@ -187,6 +187,9 @@ struct ChunkArgmax {
 struct LaneState {
   vfloat m = splat(-std::numeric_limits<float>::infinity()), s{}, sa{}, saz{}, e{};
   ChunkArgmax pred, target_pred;
+
+  // Written out: the implicit one would not take the ISA's target pragma.
+  FSCE_VINLINE LaneState() {}
 };
 
 // Folds x into the lane state: with the cap as a fixed shift for a bounded
@@ -295,8 +298,6 @@ FSCE_VINLINE float sum_coef_vec(Probs<T> t, const Recipe<float, TR>& rc, int64_t
 
 // The gradient of kLanes classes from j (`count` of them in the row).
 // kept: the row's values from its first pass (see absorb_chunk), or nullptr.
-// (A function, not a lambda: a lambda's body would not take the ISA clone's
-// target, and vectors would cross an ABI boundary.)
 template <typename T, int MODE, int TR, bool ENT>
 FSCE_VINLINE vfloat grad_at(const T* z, Probs<T> t, const Recipe<float, TR>& rc, float lse_hi, float lse_lo,
                             GradCoefs<float> c, int64_t y, const float* kept, int64_t j, int count) {

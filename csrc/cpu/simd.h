@@ -1,9 +1,7 @@
-// Portable 8-lane float SIMD on GCC/Clang vector extensions. The same code is
-// compiled once per ISA through target_clones (see FSCE_CPU_CLONES), so the
-// package build never needs -march=native: the loader picks AVX-512, AVX2 or
-// the SSE2 baseline at run time. 8 lanes (256 bits) are native on AVX2 and
-// AVX-512; GCC lowers the compares and selects of wider generic vectors
-// element by element through the stack on AVX2, about 8x slower.
+// Vectors of kLanes floats on GCC/Clang vector extensions, and the math the
+// kernels do on them. Included by a vec_*.h, which sets FSCE_CPU_LANES for its ISA
+// (its translation unit is compiled for that ISA, see isa_kernels.h) and
+// defines the 16-bit conversions declared here.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -13,23 +11,17 @@
 #include <limits>
 
 #define FSCE_VINLINE __attribute__((always_inline)) inline
-// For lambdas whose body must be inlined into (and compiled for) the ISA
-// clone that calls them.
+// For lambdas whose body must be inlined into their caller.
 #define FSCE_VINLINE_LAMBDA __attribute__((always_inline))
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FSCE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FSCE_CPU_CLONES
-#endif
-
 namespace fsce::cpu {
+namespace {
 
-constexpr int kLanes = 8;
-typedef float vfloat __attribute__((vector_size(32)));
-typedef int32_t vint __attribute__((vector_size(32)));
-typedef uint32_t vuint __attribute__((vector_size(32)));
-typedef uint16_t vbits16 __attribute__((vector_size(16)));
+constexpr int kLanes = FSCE_CPU_LANES;
+typedef float vfloat __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vint __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t vuint __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t vbits16 __attribute__((vector_size(2 * kLanes)));
 
 FSCE_VINLINE vfloat splat(float v) { return vfloat{} + v; }
 
@@ -102,16 +94,15 @@ FSCE_VINLINE vfloat loadv(const c10::BFloat16* p) {
   return as_float(__builtin_convertvector(b, vuint) << 16);
 }
 
-FSCE_VINLINE vfloat loadv(const c10::Half* p) {
-  float tmp[kLanes];
-  for (int i = 0; i < kLanes; ++i) tmp[i] = static_cast<float>(p[i]);
-  return loadv(tmp);
-}
+// Defined by the ISA's vec_*.h (hardware conversions where it has them).
+FSCE_VINLINE vfloat loadv(const c10::Half* p);
+FSCE_VINLINE void storev(c10::Half* p, vfloat v);
+FSCE_VINLINE void storev(c10::BFloat16* p, vfloat v);
 
 FSCE_VINLINE void storev(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 
-FSCE_VINLINE void storev(c10::BFloat16* p, vfloat v) {
-  // Round to nearest even, keeping nan a quiet nan.
+// Rounds to nearest even, keeping nan a quiet nan: c10::BFloat16's rounding.
+FSCE_VINLINE void store_bf16_rne(c10::BFloat16* p, vfloat v) {
   vuint u = as_uint(v);
   vuint rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   rounded = v != v ? vuint{} + 0x7fc0u : rounded;
@@ -119,7 +110,14 @@ FSCE_VINLINE void storev(c10::BFloat16* p, vfloat v) {
   std::memcpy(p, &b, sizeof b);
 }
 
-FSCE_VINLINE void storev(c10::Half* p, vfloat v) {
+// c10::Half's conversions, a lane at a time.
+FSCE_VINLINE vfloat load_half_scalar(const c10::Half* p) {
+  vfloat v;
+  for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+
+FSCE_VINLINE void store_half_scalar(c10::Half* p, vfloat v) {
   for (int i = 0; i < kLanes; ++i) p[i] = c10::Half(v[i]);
 }
 
@@ -151,4 +149,11 @@ FSCE_VINLINE float hsum(vfloat v) {
   return s;
 }
 
+FSCE_VINLINE vint lane_ids() {
+  vint v;
+  for (int i = 0; i < kLanes; ++i) v[i] = i;
+  return v;
+}
+
+}  // namespace
 }  // namespace fsce::cpu
