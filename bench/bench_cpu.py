@@ -45,11 +45,6 @@ def isa_flags():
     return " ".join(f for f in ISA_FLAGS if f in have) or "none"
 
 
-def cpu_isa():
-    # fused_softmax_ce.cpu_isa() names the SIMD path the loader picked (issue 20's ISA work).
-    return fce.cpu_isa() if hasattr(fce, "cpu_isa") else "unknown (no fused_softmax_ce.cpu_isa)"
-
-
 def thp():
     """The host's transparent-huge-page settings: they decide the tail latency (docs/benchmarks.md)."""
     def word(name):
@@ -172,7 +167,7 @@ def main():
     slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")[:40]
     out = pathlib.Path(args.out) if args.out else RESULTS / f"cpu-{slug}-{date}-issue20{'-quick' if args.quick else ''}.csv"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    common = dict(device_name=name, isa_flags=isa_flags(), cpu_isa=cpu_isa(), torch_version=torch.__version__,
+    common = dict(device_name=name, isa_flags=isa_flags(), cpu_isa=fce.cpu_isa(), torch_version=torch.__version__,
                   threads=torch.get_num_threads(), thp=thp(), date=date, reps=reps)
     print(", ".join(f"{k}={v}" for k, v in common.items()), file=sys.stderr)
     rows = []

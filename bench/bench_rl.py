@@ -54,7 +54,7 @@ def main():
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    isa = fce.cpu_isa() if hasattr(fce, "cpu_isa") else "default"
+    isa = fce.cpu_isa()
     rows, date = [], datetime.date.today().isoformat()
     for shape in args.shapes.split(","):
         n, c = map(int, shape.split("x"))

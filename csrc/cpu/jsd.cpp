@@ -12,8 +12,18 @@
 
 #include "../jsd_math.h"
 #include "../row_math.h"  // AccOf
+#include "isa.h"
 #include "jsd_kernels.h"
-#include "simd.h"
+#include "vec_baseline.h"
+
+// The JSD rows take 8-lane vectors, compiled once per ISA by target_clones
+// (the cross-entropy kernels' per-ISA translation units, isa.h, are for
+// CEParams launches).
+#if FSCE_CPU_X86_ISAS
+#define FSCE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FSCE_CPU_CLONES
+#endif
 
 namespace fsce::cpu {
 namespace {
