@@ -108,6 +108,24 @@ def test_all_ignored_batchmean_is_nan_as_trl():
     assert (s.grad == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_teacher_logits_count_as_zero(dtype):
+    """-inf teacher logits (masked tokens) add 0 where TRL's formula gives
+    nan (0 * -inf): with one finite teacher logit, beta = 0 is -s at it."""
+    student = logits((4, 40), dtype)
+    teacher = torch.full((4, 40), float("-inf"), dtype=dtype)
+    teacher[:, 5] = 0.0
+    s = student.clone().requires_grad_()
+    rows = generalized_jsd(s, teacher, beta=0.0, reduction="none")
+    want = -torch.log_softmax(student.double(), -1)[:, 5]
+    close(rows, want, LOSS_TOL[dtype])
+    rows.sum().backward()
+    onehot = torch.zeros_like(student.double())
+    onehot[:, 5] = 1
+    close(s.grad, torch.softmax(student.double(), -1) - onehot, GRAD_TOL[dtype])
+    assert reference(student, teacher, beta=0.0, reduction="none").isnan().all()
+
+
 def test_batchmean_without_labels_divides_by_rows():
     student, teacher = logits((2, 3, 20), torch.float64), logits((2, 3, 20), torch.float64)
     total = generalized_jsd(student, teacher, reduction="sum")

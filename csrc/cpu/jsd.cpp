@@ -12,6 +12,7 @@
 
 #include "../jsd_math.h"
 #include "../row_math.h"  // AccOf
+#include "huge_pages.h"
 #include "jsd_kernels.h"
 #include "simd.h"
 
@@ -286,6 +287,10 @@ void run_rows(const JsdParams& p, RowsFn f32, RowsFn bf16, RowsFn f16, RowsFn f6
 
 void jsd_forward(const JsdParams& p) { run_rows(p, forward_f32, forward_bf16, forward_f16, forward_f64); }
 
-void jsd_backward(const JsdParams& p) { run_rows(p, backward_f32, backward_bf16, backward_f16, backward_f64); }
+void jsd_backward(const JsdParams& p) {
+  const int64_t element = p.dtype == DType::Float64 ? 8 : p.dtype == DType::Float32 ? 4 : 2;
+  if (p.grad != p.student) advise_huge_pages(p.grad, p.rows * p.grad_stride * element);
+  run_rows(p, backward_f32, backward_bf16, backward_f16, backward_f64);
+}
 
 }  // namespace fsce::cpu

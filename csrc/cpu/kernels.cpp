@@ -12,16 +12,13 @@
 
 #include <ATen/Parallel.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
 #include <type_traits>
 
+#include "huge_pages.h"
 #include "rows.h"
 #include "rows_simd.h"
 #include "simd.h"
@@ -220,19 +217,6 @@ int64_t row_grain(const CEParams& p) {
 
 int64_t element_size(DType dtype) {
   return dtype == DType::Float64 ? 8 : dtype == DType::Float32 ? 4 : 2;
-}
-
-// The backward's output is a fresh N x C buffer; on Linux, first-touch page
-// faults on 4 KiB pages cost more than the kernel itself, so ask for huge
-// pages (a hint: ignored where transparent huge pages are off).
-void advise_huge_pages(void* data, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < int64_t(8 * kHuge)) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
 }
 
 // The softcap's tanh table (see fill_tanh_table) for a launch of 16-bit
