@@ -164,6 +164,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--forms", default="logits,linear")
+    parser.add_argument("--logit-shapes", default=";".join(",".join(map(str, x)) for x in LOGIT_SHAPES),
+                        help="N,V;N,V")
+    parser.add_argument("--linear-shapes", default=";".join(",".join(map(str, x)) for x in LINEAR_SHAPES),
+                        help="N,H_s,H_t,V;...")
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a peak-memory subprocess
     args = parser.parse_args()
@@ -176,7 +180,8 @@ def main():
     out = pathlib.Path(args.out) if args.out else RESULTS / f"jsd-cpu-{date}.csv"
     rows = []
     for form in args.forms.split(","):
-        for shape in (LOGIT_SHAPES if form == "logits" else LINEAR_SHAPES):
+        spec = args.logit_shapes if form == "logits" else args.linear_shapes
+        for shape in (tuple(map(int, x.split(","))) for x in spec.split(";")):
             for dtype_name in args.dtypes.split(","):
                 load = os.getloadavg()[0]
                 ms = times(form, shape, dtype_name, args.rounds)

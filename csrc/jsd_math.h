@@ -92,7 +92,9 @@ FSCE_JSD_HD acc_t jsd_grad(acc_t s, acc_t t, acc_t x, const JsdCoefs<acc_t>& c) 
   if constexpr (FORM == kForwardKL) {
     return p - jsd_exp(t);
   } else if constexpr (FORM == kReverseKL) {
-    return p == acc_t(0) ? acc_t(0) : p * (s - t - x);
+    // Guarded on s, as the CPU's vector code: where p underflows instead,
+    // p * (finite) is 0 all the same.
+    return s == -INFINITY ? acc_t(0) : p * (s - t - x);
   } else {
     return p == acc_t(0) ? acc_t(0) : (1 - c.beta) * p * (s - mixture_log(s, t, c) - x);
   }

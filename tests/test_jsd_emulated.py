@@ -89,7 +89,7 @@ class Spec:
         return c
 
     def expected(self):
-        s = self.student.double().requires_grad_()
+        s = self.student.double().clone().requires_grad_()
         kw = dict(beta=self.beta, temperature=self.temperature, ignore_index=self.ignore_index, reduction="none")
         loss = reference(s, self.teacher, self.labels, **kw)
         if self.phase == "forward":

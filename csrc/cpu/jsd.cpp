@@ -12,6 +12,7 @@
 
 #include "../jsd_math.h"
 #include "../row_math.h"  // AccOf
+#include "huge_pages.h"
 #include "isa.h"
 #include "jsd_kernels.h"
 #include "vec_baseline.h"
@@ -253,34 +254,34 @@ FSCE_VINLINE void backward_rows(const JsdParams& p, int64_t begin, int64_t end) 
   }
 }
 
-// Rows [b, e) in the launch's form.
-template <typename T>
-FSCE_VINLINE void forward_any(const JsdParams& p, int64_t b, int64_t e) {
-  switch (jsd_form(p.beta)) {
-    case kForwardKL: return forward_rows<T, kForwardKL>(p, b, e);
-    case kReverseKL: return forward_rows<T, kReverseKL>(p, b, e);
-    default: return forward_rows<T, kMixture>(p, b, e);
+template <typename T, bool FORWARD, int FORM>
+FSCE_VINLINE void rows(const JsdParams& p, int64_t b, int64_t e) {
+  if constexpr (FORWARD) {
+    forward_rows<T, FORM>(p, b, e);
+  } else {
+    backward_rows<T, FORM>(p, b, e);
   }
 }
 
-template <typename T>
-FSCE_VINLINE void backward_any(const JsdParams& p, int64_t b, int64_t e) {
+// Rows [b, e) in the launch's form.
+template <typename T, bool FORWARD>
+FSCE_VINLINE void rows_any(const JsdParams& p, int64_t b, int64_t e) {
   switch (jsd_form(p.beta)) {
-    case kForwardKL: return backward_rows<T, kForwardKL>(p, b, e);
-    case kReverseKL: return backward_rows<T, kReverseKL>(p, b, e);
-    default: return backward_rows<T, kMixture>(p, b, e);
+    case kForwardKL: return rows<T, FORWARD, kForwardKL>(p, b, e);
+    case kReverseKL: return rows<T, FORWARD, kReverseKL>(p, b, e);
+    default: return rows<T, FORWARD, kMixture>(p, b, e);
   }
 }
 
 // One clone per ISA (simd.h) for the vector dtypes, each a plain function.
-FSCE_CPU_CLONES void forward_f32(const JsdParams& p, int64_t b, int64_t e) { forward_any<float>(p, b, e); }
-FSCE_CPU_CLONES void forward_bf16(const JsdParams& p, int64_t b, int64_t e) { forward_any<c10::BFloat16>(p, b, e); }
-FSCE_CPU_CLONES void forward_f16(const JsdParams& p, int64_t b, int64_t e) { forward_any<c10::Half>(p, b, e); }
-void forward_f64(const JsdParams& p, int64_t b, int64_t e) { forward_any<double>(p, b, e); }
-FSCE_CPU_CLONES void backward_f32(const JsdParams& p, int64_t b, int64_t e) { backward_any<float>(p, b, e); }
-FSCE_CPU_CLONES void backward_bf16(const JsdParams& p, int64_t b, int64_t e) { backward_any<c10::BFloat16>(p, b, e); }
-FSCE_CPU_CLONES void backward_f16(const JsdParams& p, int64_t b, int64_t e) { backward_any<c10::Half>(p, b, e); }
-void backward_f64(const JsdParams& p, int64_t b, int64_t e) { backward_any<double>(p, b, e); }
+FSCE_CPU_CLONES void forward_f32(const JsdParams& p, int64_t b, int64_t e) { rows_any<float, true>(p, b, e); }
+FSCE_CPU_CLONES void forward_bf16(const JsdParams& p, int64_t b, int64_t e) { rows_any<c10::BFloat16, true>(p, b, e); }
+FSCE_CPU_CLONES void forward_f16(const JsdParams& p, int64_t b, int64_t e) { rows_any<c10::Half, true>(p, b, e); }
+void forward_f64(const JsdParams& p, int64_t b, int64_t e) { rows_any<double, true>(p, b, e); }
+FSCE_CPU_CLONES void backward_f32(const JsdParams& p, int64_t b, int64_t e) { rows_any<float, false>(p, b, e); }
+FSCE_CPU_CLONES void backward_bf16(const JsdParams& p, int64_t b, int64_t e) { rows_any<c10::BFloat16, false>(p, b, e); }
+FSCE_CPU_CLONES void backward_f16(const JsdParams& p, int64_t b, int64_t e) { rows_any<c10::Half, false>(p, b, e); }
+void backward_f64(const JsdParams& p, int64_t b, int64_t e) { rows_any<double, false>(p, b, e); }
 
 using RowsFn = void (*)(const JsdParams&, int64_t, int64_t);
 
@@ -296,6 +297,10 @@ void run_rows(const JsdParams& p, RowsFn f32, RowsFn bf16, RowsFn f16, RowsFn f6
 
 void jsd_forward(const JsdParams& p) { run_rows(p, forward_f32, forward_bf16, forward_f16, forward_f64); }
 
-void jsd_backward(const JsdParams& p) { run_rows(p, backward_f32, backward_bf16, backward_f16, backward_f64); }
+void jsd_backward(const JsdParams& p) {
+  const int64_t element = p.dtype == DType::Float64 ? 8 : p.dtype == DType::Float32 ? 4 : 2;
+  if (p.grad != p.student) advise_huge_pages(p.grad, p.rows * p.grad_stride * element);
+  run_rows(p, backward_f32, backward_bf16, backward_f16, backward_f64);
+}
 
 }  // namespace fsce::cpu

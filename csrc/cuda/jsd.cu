@@ -134,6 +134,8 @@ __global__ void __launch_bounds__(kJsdThreads) jsd_backward_kernel(const JsdPara
   const RowStats<acc_t> st = static_cast<const RowStats<acc_t>*>(p.row_stats)[r];
   const acc_t k = static_cast<const acc_t*>(p.grad_output)[r * p.grad_output_stride] * c.inv_t;
   // g may be zs (in place): each thread reads its elements before writing them.
+  // float64 not unrolled: ptxas spills the row statistics of an unrolled body.
+#pragma unroll(sizeof(acc_t) == 8 ? 1 : 4)
   for (int64_t j = threadIdx.x; j < p.classes; j += kJsdThreads) {
     const acc_t s = (to_acc(zs[j]) * c.inv_t - st.s_max) - st.s_log_sum;
     const acc_t t = (to_acc(zt[j]) * c.inv_t - st.t_max) - st.t_log_sum;
