@@ -3,11 +3,13 @@
 // Contiguous rows (inner == 1) of float/bf16/fp16 take the SIMD path (16
 // lanes on AVX-512, 8 on AVX2 and the baseline): the forward is one online
 // pass (running max and rescaled sum per lane), the backward one read and one
-// write. Spatial rows (N, C, d1..dk) and float64 take a strided scalar path.
-// Rows are split across threads with at::parallel_for.
+// write. Spatial rows (N, C, d1..dk) take a SIMD path of their own, a lane
+// per inner position; float64 a strided scalar path. Rows are split across
+// threads with at::parallel_for.
 //
 // Layers: rows.h (a row, a launch's recipe, the scalar path), rows_simd.h
-// (the SIMD path), row_kernels.h (a launch's rows, compiled once per ISA by
+// (the SIMD path of contiguous rows), rows_spatial.h (of spatial rows),
+// row_kernels.h (a launch's rows, compiled once per ISA by
 // kernels_<isa>.cpp), isa.cpp (which ISA runs); this file splits launches
 // into rows and holds the entry points.
 #include "kernels.h"
