@@ -43,10 +43,7 @@ class InplaceFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_z_loss, grad_lse, grad_entropy, *_):
-        for grad in (grad_z_loss, grad_lse, grad_entropy):
-            refuse_gradient(grad, "cross_entropy with inplace_backward=True computes the gradient of `loss` in "
-                                  "the forward; the z_loss, lse and entropy statistics are for logging and not "
-                                  "differentiable. Use inplace_backward=False to differentiate them")
+        refuse_statistics_gradients(grad_z_loss, grad_lse, grad_entropy)
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "cross_entropy with inplace_backward=True does not support higher-order gradients "
@@ -54,6 +51,16 @@ class InplaceFn(torch.autograd.Function):
                 "differentiable; use inplace_backward=False"
             )
         return (scale_saved_grad_once(ctx, grad_output),) + (None,) * 12
+
+
+def refuse_statistics_gradients(*grads):
+    """The in-place mode's z_loss, lse and entropy (single-process and vocab
+    parallel) stay differentiable outputs so that a gradient reaching them
+    raises here, instead of their term being dropped silently."""
+    for grad in grads:
+        refuse_gradient(grad, "cross_entropy with inplace_backward=True computes the gradient of `loss` in "
+                              "the forward; the z_loss, lse and entropy statistics are for logging and not "
+                              "differentiable. Use inplace_backward=False to differentiate them")
 
 
 def refuse_gradient(grad, message):

@@ -133,6 +133,16 @@ def check_case(kind, kw, dtype, sizes, rank, group, seed):
         close(out, ref, "loss")
         assert out.dtype == ref.dtype and out.shape == ref.shape
     close(x.grad, x_full.grad[:, lo:hi], "grad of the logits' slice")
+    if kw.get("inplace_backward") and kw.get("return_stats"):
+        # The statistics carry no gradient in place: using one in a loss raises, never a silent zero.
+        for field in ("lse", "entropy", "z_loss"):
+            stats, _ = run(x * 1, t, w, process_group=group, inplace_backward=True)
+            try:
+                (stats.loss.sum() + getattr(stats, field).sum()).backward()
+            except RuntimeError as e:
+                assert "not differentiable" in str(e), e
+            else:
+                raise AssertionError(f"backpropagating through the in-place {field} did not raise")
     if prob and not kw.get("inplace_backward"):
         close(t.grad, t_full.grad[:, lo:hi], "grad of the target's slice")
 

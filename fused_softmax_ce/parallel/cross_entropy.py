@@ -8,7 +8,7 @@ from .. import _derivatives as D
 from .._checks import check_common, check_inplace, token_weight_rows
 from .._derivatives import acc_dtype
 from .._finish import finish
-from .._inplace import scale_saved_grad_once
+from .._inplace import refuse_statistics_gradients, scale_saved_grad_once
 from .._layout import is_rows_view, layout, resolve_target
 from .._ops import ops
 from .shards import (combine_shards, group_of, reducer, refuse_create_graph, shard_grad_lse, shard_of, stat_columns,
@@ -49,6 +49,8 @@ class VocabParallelFn(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse, grad_entropy, *_):
         refuse_create_graph()
         x3, target, weight, lse, entropy, A_rest = ctx.saved_tensors
+        if entropy.numel() == 0:  # no stats: a gradient for the empty entropy (aot's zeros) is dropped
+            grad_entropy = None
         none = (None,) * 7
         if ctx.needs_input_grad[2] and not target.is_floating_point():
             raise RuntimeError("the derivative for 'weight' is not implemented.")
@@ -81,8 +83,9 @@ class InplaceVocabParallelFn(torch.autograd.Function):
     reduced loss (z-loss included) into the logits' storage, exactly, with
     the global lse, in row chunks; the backward only rescales it. Returns
     (loss, z_loss, lse, entropy, *the row statistics); only `loss` is
-    differentiable. token_weight (per row) or None weighs each row's
-    cross-entropy term, in the loss and in the gradient written."""
+    differentiable (a gradient reaching z_loss, lse or the entropy raises).
+    token_weight (per row) or None weighs each row's cross-entropy term, in
+    the loss and in the gradient written."""
 
     @staticmethod
     def forward(ctx, x3, target, weight, options, stats, group, shard, agreed, reduce, token_weight):
@@ -106,12 +109,13 @@ class InplaceVocabParallelFn(torch.autograd.Function):
         torch.autograd.graph.increment_version(x3)
         ctx.save_for_backward(x3)
         ctx.backward_done = False
-        ctx.mark_non_differentiable(z_loss, lse, entropy, *row_stats)
+        ctx.mark_non_differentiable(*row_stats)
         ctx.set_materialize_grads(False)
         return loss, z_loss, lse, entropy, *row_stats
 
     @staticmethod
-    def backward(ctx, grad_loss, *_):
+    def backward(ctx, grad_loss, grad_z_loss, grad_lse, grad_entropy, *_):
+        refuse_statistics_gradients(grad_z_loss, grad_lse, grad_entropy)
         refuse_create_graph()
         return (scale_saved_grad_once(ctx, grad_loss),) + (None,) * 9
 

@@ -23,7 +23,7 @@ Per forward: one all_gather of 2 int64 (the shard sizes and row count, so
 that a disagreement fails clearly instead of crashing the collective) and
 one all_gather of float64 slots: per row lse_k, and (L_k, A_k) in the
 accumulation type (one slot for float32, two for float64), so 16 R bytes per
-rank (24 R for float64 logits); +16 R with stats, +16 R more with stats and
+rank (24 R for float64 logits); +24 R with stats, +16 R more with stats and
 probability targets, +8 with class weights. None in the backward.
 
 This module holds what both vocab-parallel paths share: the shard
