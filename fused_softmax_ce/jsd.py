@@ -114,16 +114,6 @@ def _check_linear(name, x, weight, bias):
                                f"bfloat16, got {t.dtype}")
 
 
-def _default_chunk_size(n, hidden, v):
-    """PyTorch's rule (logits about the size of the input), raised to about
-    2^24 logits per model and chunk (64 MB each in float32): narrower chunks
-    leave the matmuls, the weight gradient's above all (its inner dimension is
-    the chunk's rows), far from their speed (measured on the CPU: 32 rows are
-    4x slower than 512 at V = 32000)."""
-    floor = 1 << max((2**24 // max(v, 1)).bit_length() - 1, 0)
-    return max(1, min(n, max(default_chunk_size(n, hidden, v), floor)))
-
-
 def _autocast(tensors, device_type):
     """As autocast runs the reference: the linears in its dtype (float64 stays)."""
     dt = torch.get_autocast_dtype(device_type)
@@ -167,7 +157,9 @@ def linear_generalized_jsd(student_input, student_weight, teacher_input, teacher
     x, xt = _flat_rows(x, "student_input"), _flat_rows(teacher[0], "teacher_input")
     n, v = x.shape[0], w.shape[0]
     if chunk_size is None:
-        chunk_size = _default_chunk_size(n, max(x.shape[1], xt.shape[1]), v)
+        # linear_cross_entropy's rule, by the bytes of one model's logits block (512 rows at V = 32000 in fp32).
+        chunk_size = default_chunk_size(n, max(x.shape[1], xt.shape[1]), v, compute_dtype(x.dtype, device).itemsize,
+                                        device.type)
     acc = acc_dtype(compute_dtype(x.dtype, device))
     if reduction == "batchmean":
         count = n if rows is None else (rows != ignore_index).sum()
